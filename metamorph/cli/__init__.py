@@ -1,0 +1,1 @@
+"""Hydra entry points: metamorph-train, metamorph-eval, metamorph-convert."""

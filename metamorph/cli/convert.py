@@ -1,0 +1,44 @@
+"""``metamorph-convert``: import a foreign checkpoint into metamorph's safetensors + JSON format."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+from metamorph.cli.common import CONF_DIR, load_any_model, print_summary
+from metamorph.io.model_file import save_model
+from metamorph.models import fold_batchnorm
+from metamorph.utils.profile import count_params
+
+
+def run(cfg: DictConfig) -> dict:
+    src = Path(cfg.src)
+    model = load_any_model(src)
+    if cfg.fold_bn:
+        fold_batchnorm(model.eval())
+    out = Path(cfg.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    json_path = save_model(model, out, meta={"source": src.name, "folded": bool(cfg.fold_bn)})
+    return {
+        "src": str(src),
+        "out": str(json_path),
+        "weights": str(json_path.with_suffix(".safetensors")),
+        "depth": model.arch.depth,
+        "params": count_params(model),
+        "normalization": {"mean": model.arch.mean, "std": model.arch.std},
+    }
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="convert")
+def main(cfg: DictConfig) -> None:
+    summary = run(cfg)
+    print(
+        f"[metamorph-convert] {summary['src']} -> {summary['out']} (ResNet-{summary['depth']}, {summary['params']:,} params)"
+    )
+    print_summary(summary)
+
+
+if __name__ == "__main__":
+    main()

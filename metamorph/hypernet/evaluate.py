@@ -1,0 +1,120 @@
+"""Accuracy of a metamorphic network at many shapes (uniform ratios, depths, custom shapes)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+
+from metamorph.hypernet.metanet import MetaResNet, Shape
+
+
+@dataclass
+class SweepPoint:
+    """One evaluated shape."""
+
+    label: str
+    hidden: Shape
+    gamma: float
+    seen: bool
+    acc: float | None = None
+    params: int | None = None
+    depth: int | None = None
+
+    def to_dict(self) -> dict:
+        return {
+            "label": self.label,
+            "gamma": round(self.gamma, 4),
+            "seen": self.seen,
+            "acc": self.acc,
+            "params": self.params,
+            "depth": self.depth,
+            "hidden": self.hidden,
+        }
+
+
+def gamma_label(gamma: float) -> str:
+    return f"g{gamma:g}"
+
+
+def is_seen(net: MetaResNet, hidden: Shape) -> bool:
+    """Inside the trained width range for every metamorphic block, and a trained depth."""
+    spec = net.spec
+    for s, stage in enumerate(hidden):
+        base = net.base_arch.hidden[s]
+        if len(stage) != len(base) and not (
+            spec.depth_choices and min(len(base), *spec.depth_choices) <= len(stage)
+        ):
+            return False
+        for b, w in enumerate(stage):
+            name = f"layer{s + 1}.{b}"
+            if name in net.meta_blocks:
+                full = net.full_width(name)
+                lo = math.ceil(spec.min_width_ratio * full - 1e-9)
+                hi = math.floor(spec.max_width_ratio * full + 1e-9)
+                if not lo <= w <= hi:
+                    return False
+    return True
+
+
+def sweep_points(
+    net: MetaResNet,
+    gammas: Iterable[float] = (),
+    depths: Iterable[int] = (),
+    widths_above: Iterable[float] = (),
+    custom: Iterable[Shape] = (),
+) -> list[SweepPoint]:
+    """Uniform-gamma shapes, uniform depths (full width), widths above the pretrained one
+    (factors > 1) and custom (e.g. non-uniform) shapes."""
+    pts = []
+    for g in gammas:
+        h = net.shape_for_gamma(float(g))
+        pts.append(SweepPoint(gamma_label(g), h, float(g), is_seen(net, h)))
+    for d in depths:
+        h = net.shape_for_gamma(0.0, depth=int(d))
+        pts.append(SweepPoint(f"depth{d}", h, 0.0, is_seen(net, h)))
+    for f in widths_above:
+        h = []
+        for s, stage in enumerate(net.base_arch.hidden):
+            h.append(
+                [
+                    round(w * f) if f"layer{s + 1}.{b}" in net.meta_blocks else w
+                    for b, w in enumerate(stage)
+                ]
+            )
+        pts.append(SweepPoint(f"x{f:g}", h, net.gamma_of(h), is_seen(net, h)))
+    for i, h in enumerate(custom):
+        pts.append(SweepPoint(f"shape{i}", h, net.gamma_of(h), is_seen(net, h)))
+    for p in pts:
+        p.depth = 2 + 2 * sum(len(s) for s in p.hidden)
+    return pts
+
+
+def random_shapes(net: MetaResNet, n: int, seed: int = 0, depth: bool = False) -> list[Shape]:
+    """A fixed seeded set of non-uniform shapes inside the trained range."""
+    from metamorph.hypernet.sampling import SamplingConfig, ShapeSampler
+
+    cfg = SamplingConfig(mode="per_block", full_width_every=0, depth_prob=1.0 if depth else 0.0)
+    sampler = ShapeSampler(net, cfg, seed=10_000 + seed)
+    return [sampler.sample(i + 1) for i in range(n)]
+
+
+@torch.no_grad()
+def accuracy_at(
+    net: MetaResNet,
+    emitted: dict[str, torch.Tensor],
+    hidden: Shape,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+) -> float:
+    correct = total = 0
+    for x, y in batches:
+        pred = net(x, hidden, emitted).argmax(1)
+        correct += (pred == y).sum().item()
+        total += y.numel()
+    return 100.0 * correct / max(1, total)
+
+
+def count_shape_params(net: MetaResNet, hidden: Shape) -> int:
+    return sum(t.numel() for t in net.template(hidden).parameters())

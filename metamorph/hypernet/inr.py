@@ -1,0 +1,193 @@
+"""The implicit neural representation (INR) that maps weight coordinates to weight values.
+
+One query is one (row, column) slice of a parameter tensor: a whole k x k kernel for a conv
+weight, one value for a bias. Its coordinate is the NeuMeta vector
+
+    [i/L, r/R, c/C, L/N, R/N, C/N]
+
+(tensor index i of L, row r of R, column c of C, sizes normalised by N), Fourier-encoded and
+fed to the residual MLP head of that tensor. Outputs are divided by the tensor's fan-in C.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass
+class INRConfig:
+    """Size of the INR heads (NeuMeta's paper INR: hidden 512, layers 8, freqs 32, resmlp)."""
+
+    hidden: int = 256
+    layers: int = 4
+    freqs: int = 16
+    residual_init: float = 0.1  # learnable residual scale s_k at init (0 = the official `mlp` type)
+    kernel_out: int = 9  # outputs of a weight query (k*k)
+
+
+def fourier_features(x: torch.Tensor, freqs: int) -> torch.Tensor:
+    """``[x, sin(2^k pi x), cos(2^k pi x)]`` for k < freqs; (..., d) -> (..., d * (1 + 2 freqs))."""
+    if freqs == 0:
+        return x
+    scales = (2.0 ** torch.arange(freqs, device=x.device, dtype=x.dtype)) * math.pi
+    xs = x.unsqueeze(-1) * scales  # (..., d, F)
+    return torch.cat([x, xs.sin().flatten(-2), xs.cos().flatten(-2)], dim=-1)
+
+
+class ResMLPHead(nn.Module):
+    """Linear -> ReLU, then residual layers ``x + s_k * relu(W_k x)``, then a linear output."""
+
+    def __init__(
+        self, in_dim: int, hidden: int, layers: int, out_dim: int, residual_init: float
+    ) -> None:
+        super().__init__()
+        self.inp = nn.Linear(in_dim, hidden)
+        self.res = nn.ModuleList(nn.Linear(hidden, hidden) for _ in range(max(0, layers - 1)))
+        self.scales = nn.Parameter(torch.full((len(self.res),), float(residual_init)))
+        self.out = nn.Linear(hidden, out_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.inp(x))
+        for k, layer in enumerate(self.res):
+            h = h + self.scales[k] * torch.relu(layer(h))
+        return self.out(h)
+
+
+@dataclass(frozen=True)
+class TensorSlot:
+    """A metamorphic tensor: its parameter name, global index and kind (``weight``/``bias``)."""
+
+    name: str
+    index: int
+    kind: str
+    kernel: tuple[int, int] = (1, 1)
+
+
+class WeightINR(nn.Module):
+    """One residual MLP head per metamorphic tensor, addressed by parameter name.
+
+    ``num_slots`` (L) and ``norm`` (N) are fixed for the life of the INR, so the coordinates of
+    a tensor never change meaning when the scope grows or the depth changes.
+    """
+
+    def __init__(self, cfg: INRConfig, num_slots: int, norm: float) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.num_slots = int(num_slots)
+        self.norm = float(norm)
+        self.in_dim = 6 * (1 + 2 * cfg.freqs)
+        self.heads = nn.ModuleDict()
+        self.slots: dict[str, TensorSlot] = {}
+        self._grid_cache: dict[tuple, torch.Tensor] = {}
+
+    @staticmethod
+    def key(name: str) -> str:
+        return name.replace(".", "__")
+
+    def add_slot(self, slot: TensorSlot, init_from: str | None = None) -> None:
+        """Add a head for ``slot``; ``init_from`` copies the trained weights of another head."""
+        if slot.name in self.slots:
+            return
+        out_dim = self.cfg.kernel_out if slot.kind == "weight" else 1
+        head = ResMLPHead(
+            self.in_dim, self.cfg.hidden, self.cfg.layers, out_dim, self.cfg.residual_init
+        )
+        ref = next(self.parameters(), None)
+        if ref is not None:
+            head = head.to(ref.device)
+        if init_from is not None:
+            head.load_state_dict(self.heads[self.key(init_from)].state_dict())
+            # The copy sees a different constant i/L: absorb the change of its Fourier features
+            # into the first bias, so the new head emits what the source emits at the same shape.
+            src = self.slots[init_from]
+            with torch.no_grad():
+                i = head.inp.weight.new_zeros(2, 6)
+                i[0, 0], i[1, 0] = src.index / self.num_slots, slot.index / self.num_slots
+                f = fourier_features(i, self.cfg.freqs)
+                head.inp.bias.add_(head.inp.weight @ (f[0] - f[1]))
+        self.heads[self.key(slot.name)] = head
+        self.slots[slot.name] = slot
+
+    def head(self, name: str) -> ResMLPHead:
+        return self.heads[self.key(name)]
+
+    # ------------------------------------------------------------------ coordinates
+    def raw_grid(
+        self, slot: TensorSlot, rows: int, cols: int, device: torch.device
+    ) -> torch.Tensor:
+        """Un-normalised coordinates ``[i, r, c, L, R, C]`` of every query, (rows*cols, 6); cached."""
+        key = (slot.name, rows, cols, str(device))
+        grid = self._grid_cache.get(key)
+        if grid is None:
+            r = torch.arange(rows, device=device, dtype=torch.float32)
+            c = torch.arange(cols, device=device, dtype=torch.float32)
+            rr, cc = torch.meshgrid(r, c, indexing="ij")
+            n = rows * cols
+            const = torch.tensor(
+                [slot.index, self.num_slots, rows, cols], device=device, dtype=torch.float32
+            )
+            grid = torch.cat(
+                [const[0].expand(n, 1), rr.reshape(n, 1), cc.reshape(n, 1), const[1:].expand(n, 3)],
+                dim=1,
+            ).contiguous()
+            self._grid_cache[key] = grid
+        return grid
+
+    def normalize(self, raw: torch.Tensor) -> torch.Tensor:
+        """``[i, r, c, L, R, C] -> [i/L, r/R, c/C, L/N, R/N, C/N]``."""
+        return torch.cat([raw[:, :3] / raw[:, 3:], raw[:, 3:] / self.norm], dim=1)
+
+    # ------------------------------------------------------------------ emission
+    def emit_tensor(
+        self,
+        slot: TensorSlot,
+        shape: tuple[int, ...],
+        noise: float = 0.0,
+        generator: torch.Generator | None = None,
+        quirk: bool = False,
+    ) -> torch.Tensor:
+        """Weights of ``slot`` at ``shape`` ([R, C, kh, kw] or [R])."""
+        device = next(self.parameters()).device
+        rows = shape[0]
+        cols = shape[1] if slot.kind == "weight" else 1
+        raw = self.raw_grid(slot, rows, cols, device)
+        fan_in = torch.tensor(float(cols), device=device)
+        if noise > 0:
+            u = torch.rand(raw.shape, generator=generator, device="cpu").to(device) - 0.5
+            raw = raw + noise * u
+            if quirk:
+                return self._emit_quirk(slot, shape, raw)
+        out = self.head(slot.name)(fourier_features(self.normalize(raw), self.cfg.freqs))
+        return self._reshape(out, slot, shape) / fan_in
+
+    def _reshape(self, out: torch.Tensor, slot: TensorSlot, shape: tuple[int, ...]) -> torch.Tensor:
+        if slot.kind == "bias":
+            return out[:, 0].reshape(shape)
+        kh, kw = shape[2], shape[3]
+        kk = kh * kw
+        start = self.cfg.kernel_out // 2 - kk // 2
+        return out[:, start : start + kk].reshape(shape)
+
+    def _emit_quirk(
+        self, slot: TensorSlot, shape: tuple[int, ...], raw: torch.Tensor
+    ) -> torch.Tensor:
+        """The official NeuMeta code's behaviour: the head is chosen by ``int(i + u)`` (truncation),
+        so about half of the noisy queries of tensor i go to the head of tensor i-1, and the
+        output is divided by the noisy fan-in ``C + u``."""
+        by_index = {s.index: s for s in self.slots.values()}
+        head_ids = raw[:, 0].trunc().long().clamp(min=0)
+        feats = fourier_features(self.normalize(raw), self.cfg.freqs)
+        out_dim = self.cfg.kernel_out if slot.kind == "weight" else 1
+        out = feats.new_zeros(raw.shape[0], self.cfg.kernel_out)
+        for hid in head_ids.unique().tolist():
+            other = by_index.get(hid, slot)
+            mask = head_ids == hid
+            y = self.head(other.name)(feats[mask])
+            out[mask, : y.shape[1]] = y
+        out = out[:, :out_dim] if slot.kind == "bias" else out
+        scale = raw[:, 5:6]  # noisy C
+        return self._reshape(out / scale, slot, shape)

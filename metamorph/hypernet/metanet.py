@@ -1,0 +1,258 @@
+"""A metamorphic CIFAR ResNet: frozen prepared weights + an INR that emits the metamorphic ones.
+
+Shapes are ``hidden`` lists like :attr:`ResNetArch.hidden`: ``hidden[s][b]`` is the hidden width
+of block b of stage s and ``len(hidden[s])`` the stage's depth (a stage keeps its first blocks).
+The target network runs directly on the emitted tensors with ``torch.func.functional_call``, so
+cross-entropy gradients reach the INR in the same autograd graph as every other loss.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from metamorph.hypernet.inr import INRConfig, TensorSlot, WeightINR
+from metamorph.models.resnet_cifar import CifarResNet, ResNetArch
+
+Shape = list[list[int]]
+BLOCK_TENSORS = ("conv1.weight", "conv1.bias", "conv2.weight", "conv2.bias")
+
+
+@dataclass
+class MetaSpec:
+    """What is metamorphic and over which range.
+
+    ``blocks``: names like ``"layer3.2"``; ``"all"`` selects every BasicBlock.
+    ``min_width_ratio`` / ``max_width_ratio``: trained hidden-width range as a fraction of each
+    block's pretrained width (NeuMeta: [0.5, 1.0]). ``max_width_factor``: the largest width that
+    may be emitted, as a multiple of the pretrained width. ``min_depth``: fewest blocks a stage
+    may keep when depth varies (``depth_choices`` lists the depths sampled in training).
+    """
+
+    blocks: list[str] = field(default_factory=lambda: ["layer3.2"])
+    min_width_ratio: float = 0.5
+    max_width_ratio: float = 1.0
+    max_width_factor: float = 2.0
+    depth_choices: list[int] = field(default_factory=list)  # [] = depth fixed
+    norm: float | None = None  # N of the coordinates; default: widest stage width
+
+
+def block_names(arch: ResNetArch) -> list[str]:
+    return [f"layer{s + 1}.{b}" for s, stage in enumerate(arch.hidden) for b in range(len(stage))]
+
+
+class MetaResNet(nn.Module):
+    """Frozen base network (folded, permuted) whose chosen blocks come from a :class:`WeightINR`."""
+
+    def __init__(
+        self, base: CifarResNet, spec: MetaSpec, inr_cfg: INRConfig, shared: list[str] | None = None
+    ) -> None:
+        super().__init__()
+        if base.arch.bn:
+            raise ValueError(
+                "the base network must have its BatchNorm folded (fold_batchnorm) first"
+            )
+        self.base_arch = copy.deepcopy(base.arch)
+        self.spec = spec
+        all_blocks = block_names(self.base_arch)
+        blocks = all_blocks if spec.blocks in (["all"], "all") else list(spec.blocks)
+        unknown = [b for b in blocks if b not in all_blocks]
+        if unknown:
+            raise ValueError(f"unknown metamorphic blocks {unknown}; this network has {all_blocks}")
+        self.meta_blocks: list[str] = []
+        # Global slot index: position of a tensor in the full network, independent of scope and depth.
+        self.slot_of: dict[str, TensorSlot] = {}
+        for bi, bname in enumerate(all_blocks):
+            for k, t in enumerate(BLOCK_TENSORS):
+                kind = t.split(".")[1]
+                self.slot_of[f"{bname}.{t}"] = TensorSlot(f"{bname}.{t}", 4 * bi + k, kind, (3, 3))
+        norm = spec.norm or float(max(self.base_arch.stage_widths))
+        self.inr = WeightINR(inr_cfg, num_slots=4 * len(all_blocks), norm=norm)
+        # Frozen prepared weights (buffers: saved in checkpoints, never trained).
+        state = base.state_dict()
+        self.base_keys = list(state)
+        for k, v in state.items():
+            self.register_buffer("base__" + k.replace(".", "__"), v.detach().clone())
+        # Shared trainable parameters (e.g. the classifier or SkipInit alphas), one copy for all shapes.
+        self.shared = nn.ParameterDict()
+        for name in shared or []:
+            self.shared[name.replace(".", "__")] = nn.Parameter(state[name].detach().clone())
+        self._templates: OrderedDict[str, nn.Module] = OrderedDict()
+        for b in blocks:
+            self.add_block(b)
+
+    # ------------------------------------------------------------------ scope
+    def add_block(self, name: str, init_from: str | None = None) -> None:
+        """Make block ``name`` metamorphic; its heads copy ``init_from``'s heads if given."""
+        if name in self.meta_blocks:
+            return
+        for t in BLOCK_TENSORS:
+            src = f"{init_from}.{t}" if init_from else None
+            self.inr.add_slot(self.slot_of[f"{name}.{t}"], init_from=src)
+        self.meta_blocks.append(name)
+
+    def base_tensor(self, name: str) -> torch.Tensor:
+        return getattr(self, "base__" + name.replace(".", "__"))
+
+    def full_width(self, block: str) -> int:
+        s, b = block.removeprefix("layer").split(".")
+        return self.base_arch.hidden[int(s) - 1][int(b)]
+
+    @property
+    def full_shape(self) -> Shape:
+        return [list(s) for s in self.base_arch.hidden]
+
+    # ------------------------------------------------------------------ shapes
+    def max_width(self, block: str) -> int:
+        return max(1, int(self.full_width(block) * self.spec.max_width_factor))
+
+    def check_shape(self, hidden: Shape) -> None:
+        base = self.base_arch.hidden
+        if len(hidden) != len(base):
+            raise ValueError(f"shape has {len(hidden)} stages; the network has {len(base)}")
+        for s, (stage, bstage) in enumerate(zip(hidden, base)):
+            if not 1 <= len(stage) <= len(bstage):
+                raise ValueError(
+                    f"stage {s + 1} keeps {len(stage)} blocks; allowed 1..{len(bstage)}"
+                )
+            for b, w in enumerate(stage):
+                name = f"layer{s + 1}.{b}"
+                if name in self.meta_blocks:
+                    if not 1 <= w <= self.max_width(name):
+                        raise ValueError(
+                            f"width {w} of {name} is outside the supported range 1..{self.max_width(name)}"
+                        )
+                elif w != bstage[b]:
+                    raise ValueError(
+                        f"{name} is not metamorphic: its width must stay {bstage[b]} (got {w})"
+                    )
+
+    def shape_for_gamma(self, gamma: float, depth: int | list[int] | None = None) -> Shape:
+        """Uniform compression ratio: every metamorphic block at ``round((1-gamma) * full)``."""
+        if not 0.0 <= gamma < 1.0:
+            raise ValueError(f"compression ratio gamma={gamma} must be in [0, 1)")
+        shape = []
+        for s, stage in enumerate(self.base_arch.hidden):
+            keep = len(stage) if depth is None else (depth if isinstance(depth, int) else depth[s])
+            keep = min(keep, len(stage))
+            row = []
+            for b in range(keep):
+                name = f"layer{s + 1}.{b}"
+                full = stage[b]
+                row.append(max(1, round(full * (1 - gamma))) if name in self.meta_blocks else full)
+            shape.append(row)
+        return shape
+
+    def gamma_of(self, hidden: Shape) -> float:
+        """Mean compression ratio of the metamorphic blocks present in ``hidden``."""
+        ratios = []
+        for s, stage in enumerate(hidden):
+            for b, w in enumerate(stage):
+                name = f"layer{s + 1}.{b}"
+                if name in self.meta_blocks:
+                    ratios.append(1 - w / self.full_width(name))
+        return float(sum(ratios) / len(ratios)) if ratios else 0.0
+
+    def arch_for(self, hidden: Shape) -> ResNetArch:
+        arch = copy.deepcopy(self.base_arch)
+        arch.hidden = [list(s) for s in hidden]
+        return arch
+
+    # ------------------------------------------------------------------ emission
+    def tensor_shape(self, name: str, hidden: Shape) -> tuple[int, ...]:
+        block, t = name.rsplit(".", 2)[0], ".".join(name.rsplit(".", 2)[1:])
+        s, b = (int(x) for x in block.removeprefix("layer").split("."))
+        w = hidden[s - 1][b]
+        base = self.base_tensor(name).shape
+        if t == "conv1.weight":
+            return (w, base[1], *base[2:])
+        if t == "conv1.bias":
+            return (w,)
+        if t == "conv2.weight":
+            return (base[0], w, *base[2:])
+        return tuple(base)
+
+    def present_meta_tensors(self, hidden: Shape) -> list[str]:
+        names = []
+        for blk in self.meta_blocks:
+            s, b = (int(x) for x in blk.removeprefix("layer").split("."))
+            if b < len(hidden[s - 1]):
+                names += [f"{blk}.{t}" for t in BLOCK_TENSORS]
+        return names
+
+    def emit(
+        self,
+        hidden: Shape,
+        noise: float = 0.0,
+        generator: torch.Generator | None = None,
+        quirk: bool = False,
+        k: int = 1,
+    ) -> dict[str, torch.Tensor]:
+        """Metamorphic tensors at shape ``hidden``; ``k > 1`` averages k emissions (the first
+        noise-free, the others with coordinate noise ``noise``) -- NeuMeta's manifold sampling."""
+        self.check_shape(hidden)
+        names = self.present_meta_tensors(hidden)
+        out = {}
+        for name in names:
+            slot = self.slot_of[name]
+            shape = self.tensor_shape(name, hidden)
+            if k <= 1:
+                out[name] = self.inr.emit_tensor(slot, shape, noise, generator, quirk)
+            else:
+                acc = self.inr.emit_tensor(slot, shape, 0.0)
+                for _ in range(k - 1):
+                    acc = acc + self.inr.emit_tensor(slot, shape, noise, generator, quirk)
+                out[name] = acc / k
+        return out
+
+    def params_for(
+        self, hidden: Shape, emitted: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        """Every tensor of the network at ``hidden``: emitted, shared, or frozen base."""
+        template = self.template(hidden)
+        params = {}
+        for name in template.state_dict(keep_vars=True):
+            if name in emitted:
+                params[name] = emitted[name]
+            elif name.replace(".", "__") in self.shared:
+                params[name] = self.shared[name.replace(".", "__")]
+            else:
+                params[name] = self.base_tensor(name)
+        return params
+
+    def template(self, hidden: Shape) -> nn.Module:
+        """A parameter-less (meta-device) module of the right structure, cached per shape."""
+        key = repr(hidden)
+        mod = self._templates.get(key)
+        if mod is None:
+            with torch.device("meta"):
+                mod = CifarResNet(self.arch_for(hidden))
+            self._templates[key] = mod
+            if len(self._templates) > 64:
+                self._templates.popitem(last=False)
+        return mod
+
+    def forward(
+        self, x: torch.Tensor, hidden: Shape, emitted: dict[str, torch.Tensor] | None = None
+    ) -> torch.Tensor:
+        if emitted is None:
+            emitted = self.emit(hidden)
+        return functional_call(self.template(hidden), self.params_for(hidden, emitted), (x,))
+
+    @torch.no_grad()
+    def materialize(
+        self, hidden: Shape, k: int = 1, noise: float = 0.0, seed: int = 0
+    ) -> CifarResNet:
+        """A standalone plain network (no INR) at ``hidden``."""
+        g = torch.Generator().manual_seed(seed)
+        emitted = self.emit(hidden, noise=noise, generator=g, k=k)
+        net = CifarResNet(self.arch_for(hidden))
+        net.load_state_dict(
+            {k_: v.detach().cpu() for k_, v in self.params_for(hidden, emitted).items()}
+        )
+        return net.eval()

@@ -1,0 +1,40 @@
+"""Architectures (plain ``nn.Module``s), their registry and structural transforms."""
+
+from metamorph.models.folding import fold_batchnorm, fold_conv_bn
+from metamorph.models.registry import (
+    build_from_arch,
+    create_model,
+    list_models,
+    model_family,
+    register_family,
+    register_model,
+)
+from metamorph.models.resnet_cifar import (
+    CIFAR10_MEAN,
+    CIFAR10_STD,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    BasicBlock,
+    CifarResNet,
+    ResNetArch,
+    cifar_resnet_arch,
+)
+
+__all__ = [
+    "BasicBlock",
+    "CIFAR10_MEAN",
+    "CIFAR10_STD",
+    "CifarResNet",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "ResNetArch",
+    "build_from_arch",
+    "cifar_resnet_arch",
+    "create_model",
+    "fold_batchnorm",
+    "fold_conv_bn",
+    "list_models",
+    "model_family",
+    "register_family",
+    "register_model",
+]

@@ -1,0 +1,54 @@
+"""Folding BatchNorm into the preceding convolution (exact in eval mode)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+@torch.no_grad()
+def fold_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
+    """Return a new conv with bias computing ``bn(conv(x))`` using BN's running statistics."""
+    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+    fused = nn.Conv2d(
+        conv.in_channels,
+        conv.out_channels,
+        conv.kernel_size,
+        conv.stride,
+        conv.padding,
+        conv.dilation,
+        conv.groups,
+        bias=True,
+        padding_mode=conv.padding_mode,
+    ).to(device=conv.weight.device, dtype=conv.weight.dtype)
+    fused.weight.copy_(conv.weight * scale.reshape(-1, 1, 1, 1))
+    bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
+    fused.bias.copy_((bias - bn.running_mean) * scale + bn.bias)
+    return fused
+
+
+def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, child, module)
+
+
+@torch.no_grad()
+def fold_batchnorm(model: nn.Module) -> nn.Module:
+    """Fold every (conv, BN) pair listed by ``model.conv_bn_pairs()`` in place; BN -> Identity.
+
+    Models that carry an ``arch`` with a ``bn`` flag get ``arch.bn = False`` so that the folded
+    model is rebuilt correctly from its architecture file.
+    """
+    if not hasattr(model, "conv_bn_pairs"):
+        raise TypeError(f"{type(model).__name__} does not list its conv_bn_pairs(); cannot fold")
+    for conv_name, bn_name in model.conv_bn_pairs():
+        bn = model.get_submodule(bn_name)
+        if not isinstance(bn, nn.BatchNorm2d):
+            continue  # already folded
+        conv = model.get_submodule(conv_name)
+        _set_submodule(model, conv_name, fold_conv_bn(conv, bn))
+        _set_submodule(model, bn_name, nn.Identity())
+    if hasattr(model, "arch") and hasattr(model.arch, "bn"):
+        model.arch.bn = False
+    return model

@@ -1,0 +1,252 @@
+"""LightningModule training a metamorphic network's INR (``task=metamorph``)."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from dataclasses import asdict, dataclass, field
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+import torchmetrics
+from torch import nn
+
+from metamorph.config.schema import OptimConfig, SchedulerConfig
+from metamorph.hypernet.inr import INRConfig
+from metamorph.hypernet.metanet import MetaResNet, MetaSpec, Shape
+from metamorph.hypernet.sampling import SamplingConfig, ShapeSampler
+from metamorph.models.resnet_cifar import CifarResNet, ResNetArch
+from metamorph.tasks.optim import build_optimizer, build_scheduler
+
+
+@dataclass
+class LossConfig:
+    ce: float = 1.0
+    recon: float = 1.0
+    recon_type: str = "weighted"  # weighted (|w|-weighted MSE, NeuMeta CIFAR-10) | mse
+    reg: float = 1e-4  # sum of L2 norms of the emitted tensors
+    kd: float = 0.0  # distillation from the prepared full network
+    kd_temperature: float = 4.0
+
+
+@dataclass
+class MetamorphConfig:
+    """Everything the metamorphic module needs, stored with its checkpoints as plain data."""
+
+    spec: MetaSpec = field(default_factory=MetaSpec)
+    inr: INRConfig = field(default_factory=INRConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(
+        default_factory=lambda: OptimConfig(name="adamw", lr=1e-3, weight_decay=1e-2)
+    )
+    scheduler: SchedulerConfig = field(default_factory=lambda: SchedulerConfig(name="cosine"))
+    coord_noise: float = 1.0
+    noise_quirk: bool = False  # the official code's layer-id / fan-in noise behaviour
+    ema_decay: float = 0.995
+    eval_k: int = 1
+    shared: list[str] = field(default_factory=list)  # base tensors trained jointly (e.g. fc.weight)
+    recon_warmup_steps: int = 0  # pure reconstruction steps before the first CE step
+    seed: int = 0
+
+
+def recon_loss(pred: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Tensor:
+    if kind == "mse":
+        return F.mse_loss(pred, target)
+    if kind == "weighted":
+        w = target.abs()
+        w = w / w.max().clamp_min(1e-12)
+        return (w * (pred - target) ** 2).mean()
+    raise ValueError(f"unknown recon_type {kind!r}; choose weighted or mse")
+
+
+class EMA(nn.Module):
+    """Exponential moving average of a module's parameters (a shadow copy, saved with it)."""
+
+    def __init__(self, module: nn.Module, decay: float) -> None:
+        super().__init__()
+        self.decay = decay
+        self.shadow = copy.deepcopy(module).requires_grad_(False)
+
+    @torch.no_grad()
+    def sync_structure(self, module: nn.Module) -> None:
+        """Adopt heads added to ``module`` since the copy was made (new heads start equal)."""
+        mine = dict(self.shadow.named_parameters())
+        if set(mine) == {n for n, _ in module.named_parameters()}:
+            return
+        new = copy.deepcopy(module).requires_grad_(False)
+        for n, p in new.named_parameters():
+            if n in mine:
+                p.copy_(mine[n])
+        self.shadow = new
+
+    @torch.no_grad()
+    def update(self, module: nn.Module) -> None:
+        for p_s, p in zip(self.shadow.parameters(), module.parameters()):
+            p_s.lerp_(p.detach(), 1 - self.decay)
+
+    @contextlib.contextmanager
+    def swapped_into(self, module: nn.Module):
+        """Temporarily load the EMA weights into ``module``."""
+        params = list(module.parameters())
+        saved = [p.detach().clone() for p in params]
+        with torch.no_grad():
+            for p, s in zip(params, self.shadow.parameters()):
+                p.copy_(s)
+        try:
+            yield module
+        finally:
+            with torch.no_grad():
+                for p, s in zip(params, saved):
+                    p.copy_(s)
+
+
+def build_metanet(
+    base_arch: dict, cfg: MetamorphConfig, base_state: dict | None = None
+) -> MetaResNet:
+    base = CifarResNet(ResNetArch.from_dict(dict(base_arch)))
+    if base_state is not None:
+        base.load_state_dict(base_state)
+    return MetaResNet(base, cfg.spec, cfg.inr, shared=cfg.shared)
+
+
+class MetamorphModule(L.LightningModule):
+    """Trains only the INR (and the configured shared tensors) of a :class:`MetaResNet`."""
+
+    def __init__(
+        self,
+        net: MetaResNet,
+        cfg: MetamorphConfig,
+        teacher: nn.Module | None = None,
+        hparams: dict | None = None,
+    ) -> None:
+        super().__init__()
+        self.net = net
+        self.cfg = cfg
+        self.sampler = ShapeSampler(net, cfg.sampling, seed=cfg.seed)
+        self.ema = EMA(net.inr, cfg.ema_decay) if cfg.ema_decay > 0 else None
+        self.teacher = teacher.requires_grad_(False).eval() if teacher is not None else None
+        self.save_hyperparameters(
+            {
+                "config": hparams or {},
+                "metamorph": _plain(asdict(cfg)),
+                "base_arch": net.base_arch.to_dict(),
+            },
+            logger=True,
+        )
+        n = net.base_arch.num_classes
+        self.val_acc = torchmetrics.classification.MulticlassAccuracy(n, average="micro")
+        self.test_acc = torchmetrics.classification.MulticlassAccuracy(n, average="micro")
+
+    # ------------------------------------------------------------------ evaluation weights
+    @contextlib.contextmanager
+    def eval_weights(self):
+        """EMA weights if enabled (NeuMeta evaluates the EMA INR)."""
+        if self.ema is None:
+            yield
+        else:
+            with self.ema.swapped_into(self.net.inr):
+                yield
+
+    @torch.no_grad()
+    def emit_eval(
+        self, hidden: Shape, k: int | None = None, seed: int = 0
+    ) -> dict[str, torch.Tensor]:
+        """Emission used for evaluation: EMA weights, K-sample averaged (first sample noise-free)."""
+        k = self.cfg.eval_k if k is None else k
+        g = torch.Generator().manual_seed(seed)
+        with self.eval_weights():
+            return self.net.emit(
+                hidden, noise=self.cfg.coord_noise, generator=g, quirk=self.cfg.noise_quirk, k=k
+            )
+
+    # ------------------------------------------------------------------ training
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        step = self.global_step
+        cfg = self.cfg
+        hidden = self.sampler.sample(step)
+        full = hidden == self.net.full_shape
+        g = self.sampler.generator(step + 7919)
+        emitted = self.net.emit(hidden, noise=cfg.coord_noise, generator=g, quirk=cfg.noise_quirk)
+        losses = {}
+        warm = step < cfg.recon_warmup_steps
+        if not warm and cfg.loss.ce > 0:
+            logits = self.net(x, hidden, emitted)
+            losses["ce"] = cfg.loss.ce * F.cross_entropy(logits, y)
+            if cfg.loss.kd > 0 and self.teacher is not None:
+                with torch.no_grad():
+                    t_logits = self.teacher(x)
+                T = cfg.loss.kd_temperature
+                kd = F.kl_div(
+                    F.log_softmax(logits / T, 1),
+                    F.log_softmax(t_logits / T, 1),
+                    reduction="batchmean",
+                    log_target=True,
+                )
+                losses["kd"] = cfg.loss.kd * kd * T * T
+        if (full or warm) and cfg.loss.recon > 0:
+            if not full:
+                emitted = self.net.emit(
+                    self.net.full_shape, noise=cfg.coord_noise, generator=g, quirk=cfg.noise_quirk
+                )
+            rec = sum(
+                recon_loss(v, self.net.base_tensor(k), cfg.loss.recon_type)
+                for k, v in emitted.items()
+            )
+            losses["recon"] = cfg.loss.recon * rec / len(emitted)
+        if cfg.loss.reg > 0:
+            losses["reg"] = cfg.loss.reg * sum(v.norm() for v in emitted.values())
+        loss = sum(losses.values())
+        for k, v in losses.items():
+            self.log(f"train/{k}", v, on_step=True, on_epoch=False)
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/gamma", self.net.gamma_of(hidden), on_step=True, on_epoch=False)
+        return loss
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        if self.ema is not None:
+            self.ema.update(self.net.inr)
+
+    # ------------------------------------------------------------------ validation / test
+    def on_validation_epoch_start(self) -> None:
+        self._val_emitted = self.emit_eval(self.net.full_shape)
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        logits = self.net(x, self.net.full_shape, self._val_emitted)
+        self.val_acc(logits, y)
+        self.log("val/acc", self.val_acc, on_epoch=True, prog_bar=True)
+
+    def on_test_epoch_start(self) -> None:
+        self._test_emitted = self.emit_eval(self.net.full_shape)
+
+    def test_step(self, batch, batch_idx):
+        x, y = batch
+        logits = self.net(x, self.net.full_shape, self._test_emitted)
+        self.test_acc(logits, y)
+        self.log("test/acc", self.test_acc, on_epoch=True)
+
+    # ------------------------------------------------------------------ optimisation
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [
+            p
+            for p in list(self.net.inr.parameters()) + list(self.net.shared.parameters())
+            if p.requires_grad
+        ]
+
+    def configure_optimizers(self):
+        opt = build_optimizer(self.trainable_parameters(), self.cfg.optim)
+        total = self.trainer.estimated_stepping_batches
+        per_epoch = max(1, int(total // max(1, self.trainer.max_epochs or 1)))
+        sched = build_scheduler(opt, self.cfg.scheduler, total, per_epoch)
+        return opt if sched is None else {"optimizer": opt, "lr_scheduler": sched}
+
+
+def _plain(obj):
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    return obj

@@ -1,0 +1,190 @@
+"""``metamorph-train task=metamorph``: prepare a pretrained network, train its metamorphic INR."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from metamorph.callbacks.ratio_sweep import RatioSweep
+from metamorph.cli.common import build_datamodule, build_trainer, load_any_model, plain
+from metamorph.config.schema import OptimConfig, SchedulerConfig, typed
+from metamorph.hypernet.inr import INRConfig
+from metamorph.hypernet.metanet import MetaResNet, MetaSpec
+from metamorph.hypernet.sampling import SamplingConfig
+from metamorph.io.model_file import save_model
+from metamorph.models import fold_batchnorm
+from metamorph.models.resnet_cifar import CifarResNet
+from metamorph.tasks.metamorph import LossConfig, MetamorphConfig, MetamorphModule
+
+
+def metamorph_config(cfg: DictConfig) -> MetamorphConfig:
+    """Validate ``task`` + ``hypernet`` against their schemas (typos fail loudly)."""
+    t = cfg.task
+    known = {
+        "name",
+        "base",
+        "prepare",
+        "scope",
+        "sampling",
+        "loss",
+        "coord_noise",
+        "noise_quirk",
+        "ema_decay",
+        "eval_k",
+        "shared",
+        "recon_warmup_steps",
+        "optim",
+        "scheduler",
+        "sweep",
+        "schedule",
+    }
+    unknown = set(t.keys()) - known
+    if unknown:
+        raise ValueError(
+            f"invalid config `task`: unknown keys {sorted(unknown)}; valid: {sorted(known)}"
+        )
+    return MetamorphConfig(
+        spec=typed(MetaSpec, t.scope, "task.scope"),
+        inr=typed(INRConfig, cfg.hypernet, "hypernet"),
+        sampling=typed(SamplingConfig, t.sampling, "task.sampling"),
+        loss=typed(LossConfig, t.loss, "task.loss"),
+        optim=typed(OptimConfig, t.optim, "task.optim"),
+        scheduler=typed(SchedulerConfig, t.scheduler, "task.scheduler"),
+        coord_noise=float(t.coord_noise),
+        noise_quirk=bool(t.noise_quirk),
+        ema_decay=float(t.ema_decay),
+        eval_k=int(t.eval_k),
+        shared=list(t.shared),
+        recon_warmup_steps=int(t.recon_warmup_steps),
+        seed=int(cfg.seed),
+    )
+
+
+def prepare_base(
+    model: CifarResNet, fold: bool, permute: bool, time_limit: float
+) -> tuple[CifarResNet, dict]:
+    """Fold BN and permute channels for smoothness; returns the network and a report."""
+    report: dict = {}
+    model = model.eval()
+    if fold:
+        fold_batchnorm(model)
+    if permute:
+        from metamorph.hypernet.permute import permute_for_smoothness, total_variation
+
+        t0 = time.time()
+        report["tv_before"] = float(total_variation(model))
+        model, rep = permute_for_smoothness(model, time_limit=time_limit)
+        report["tv_after"] = float(total_variation(model))
+        report["permute_s"] = round(time.time() - t0, 2)
+    return model, report
+
+
+def run_metamorph(cfg: DictConfig) -> dict:
+    t0 = time.time()
+    L.seed_everything(cfg.seed, workers=True)
+    mcfg = metamorph_config(cfg)
+    out_dir = Path(cfg.paths.output_dir)
+    base_path = cfg.task.base
+    if (
+        not base_path
+        or not Path(base_path).with_suffix(".json").exists()
+        and not Path(base_path).exists()
+    ):
+        raise FileNotFoundError(
+            f"task.base={base_path} not found: fine-tune a network first "
+            "(metamorph-train experiment=finetune_resnet20 ...) or point task.base at a model file"
+        )
+    base = load_any_model(base_path)
+    p = cfg.task.prepare
+    prepared, prep_report = prepare_base(base, p.fold_bn, p.permute, p.tsp_time_limit)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_model(prepared, out_dir / "prepared", meta={"source": str(base_path), **prep_report})
+    net = MetaResNet(prepared, mcfg.spec, mcfg.inr, shared=mcfg.shared)
+    dm = build_datamodule(cfg.data, mean=prepared.arch.mean, std=prepared.arch.std, seed=cfg.seed)
+    dm.setup("fit")
+    teacher = prepared if mcfg.loss.kd > 0 else None
+    module = MetamorphModule(net, mcfg, teacher=teacher, hparams=plain(cfg))
+    sw = cfg.task.sweep
+    sweep = RatioSweep(
+        gammas=list(sw.gammas),
+        depths=list(sw.depths),
+        widths_above=list(sw.widths_above),
+        random_shapes=sw.random_shapes,
+        k=sw.k,
+        every_n_epochs=sw.every_n_epochs,
+        max_batches=sw.max_batches,
+    )
+    trainer = build_trainer(cfg, extra_callbacks=[sweep])
+    n_inr = sum(p_.numel() for p_ in net.inr.parameters())
+    print(
+        f"[metamorph-train] task=metamorph base={base_path} blocks={net.meta_blocks} "
+        f"INR params={n_inr:,} prep={json.dumps(prep_report)} -> {out_dir}"
+    )
+    summary: dict = {
+        "task": "metamorph",
+        "output_dir": str(out_dir),
+        "inr_params": n_inr,
+        **prep_report,
+    }
+    if cfg.train:
+        trainer.fit(module, datamodule=dm, ckpt_path=cfg.ckpt_path, weights_only=True)
+        summary["val/acc"] = _metric(trainer, "val/acc")
+        summary["global_step"] = trainer.global_step
+    if cfg.test:
+        trainer.test(module, datamodule=dm, verbose=False, weights_only=True)
+        summary["test/acc"] = _metric(trainer, "test/acc")
+        summary["test_sweep"] = {pt.label: round(pt.acc, 2) for pt in sweep.last}
+        if trainer.is_global_zero:
+            print(
+                f"\nTest accuracy across shapes (EMA, K={mcfg.eval_k if sw.k is None else sw.k}):"
+            )
+            print(sweep.last_table)
+    if trainer.is_global_zero and not trainer.fast_dev_run:
+        ckpt = out_dir / "metamorph.ckpt"
+        trainer.save_checkpoint(ckpt, weights_only=False)
+        summary["checkpoint"] = str(ckpt)
+        if cfg.export_to:
+            Path(cfg.export_to).parent.mkdir(parents=True, exist_ok=True)
+            trainer.save_checkpoint(str(cfg.export_to) + ".ckpt")
+            summary["exported"] = str(cfg.export_to) + ".ckpt"
+    summary["time_s"] = round(time.time() - t0, 1)
+    return summary
+
+
+def _metric(trainer: L.Trainer, key: str) -> float | None:
+    v = trainer.callback_metrics.get(key)
+    return None if v is None else float(v)
+
+
+def load_metamorph_checkpoint(path: str | Path, map_location: str = "cpu") -> MetamorphModule:
+    """Rebuild a trained :class:`MetamorphModule` from its checkpoint with ``weights_only=True``."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"metamorphic checkpoint {path} not found")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # noqa: BLE001
+        raise ValueError(f"{path} is truncated, corrupt or not a checkpoint: {e}") from e
+    hp = ckpt.get("hyper_parameters", {}) if isinstance(ckpt, dict) else {}
+    if "metamorph" not in hp or "base_arch" not in hp:
+        raise ValueError(
+            f"{path} is not a metamorphic checkpoint (trained with task=metamorph); got a different kind"
+        )
+    cfg = OmegaConf.create(hp["config"])
+    mcfg = metamorph_config(cfg)
+    from metamorph.models.resnet_cifar import ResNetArch
+
+    base = CifarResNet(ResNetArch.from_dict(dict(hp["base_arch"])))
+    net = MetaResNet(base, mcfg.spec, mcfg.inr, shared=mcfg.shared)
+    module = MetamorphModule(net, mcfg, hparams=hp["config"])
+    missing, unexpected = module.load_state_dict(ckpt["state_dict"], strict=False)
+    if unexpected or [m for m in missing if not m.startswith("teacher.")]:
+        raise ValueError(
+            f"{path} does not match its own configuration: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
+    return module.eval()
