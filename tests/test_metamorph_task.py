@@ -142,7 +142,7 @@ def mm_run(workdir, base_run) -> dict:
             base_run["base"],
             "trainer.max_steps=6",
             "trainer.max_epochs=5",
-            "callbacks.model_checkpoint.every_n_train_steps=2",
+            "callbacks.last_checkpoint.every_n_train_steps=2",
         ),
     )
     summary, module = run_recorded(cfg)
@@ -161,7 +161,7 @@ def resumed_run(workdir, base_run, mm_run) -> dict:
             base_run["base"],
             "trainer.max_steps=10",
             "trainer.max_epochs=5",
-            "callbacks.model_checkpoint.every_n_train_steps=2",
+            "callbacks.last_checkpoint.every_n_train_steps=2",
             f"ckpt_path={ckpt}",
             "test=false",
         ),
@@ -400,7 +400,7 @@ def _cli_args(workdir: Path, run_dir: Path, base: Path, *extra: str) -> list[str
             "data.batch_size=32",  # 8 steps per epoch
             "trainer.max_epochs=2",
             "trainer.max_steps=12",
-            "callbacks.model_checkpoint.every_n_train_steps=2",
+            "callbacks.last_checkpoint.every_n_train_steps=2",
             "test=false",
             "logger=none",
         ),

@@ -1,7 +1,13 @@
-"""``metamorph-eval``: accuracy, parameters, FLOPs and CPU latency of a model on a data split."""
+"""``metamorph-eval``: accuracy, parameters, FLOPs and CPU latency of a model on a data split.
+
+Given a metamorphic checkpoint (``task=metamorph``), it sweeps compression ratios instead and
+writes ``sweep.csv``, ``sweep.md`` and plots of accuracy, parameters, FLOPs and CPU latency vs
+gamma to ``out_dir`` (see :mod:`metamorph.export.sweep`).
+"""
 
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 
@@ -55,7 +61,104 @@ def accuracy(model: nn.Module, dm, split: str, device: torch.device) -> tuple[fl
     return correct / max(1, total), total
 
 
+def is_metamorphic_checkpoint(path: str | Path) -> bool:
+    """A Lightning checkpoint of ``task=metamorph`` (read with ``weights_only=True``)."""
+    p = Path(path)
+    if p.suffix != ".ckpt" or not p.is_file():
+        return False
+    try:
+        ckpt = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 - corrupt files are reported by the loader proper
+        return False
+    hp = ckpt.get("hyper_parameters") if isinstance(ckpt, dict) else None
+    return isinstance(hp, dict) and "metamorph" in hp and "base_arch" in hp
+
+
+def run_metamorphic(cfg: DictConfig, log=print) -> dict:
+    """Sweep a metamorphic checkpoint over ``sweep.gammas`` / ``sweep.depths`` on ``split``."""
+    from metamorph.export.outputs import StagedOutputs, check_output_dir
+    from metamorph.export.sample import load_metamorphic
+    from metamorph.export.sweep import read_baselines, run_sweep, trained_gamma_range, write_outputs
+
+    t0 = time.time()
+    sw = cfg.sweep
+    baselines = read_baselines(list(cfg.get("baselines") or []))
+    out_dir = Path(str(cfg.out_dir))
+    check_output_dir(out_dir)
+    module = load_metamorphic(cfg.src)
+    net = module.net
+    arch = net.base_arch
+    dm = build_datamodule(cfg.data, mean=arch.mean, std=arch.std, seed=cfg.seed)
+    dm.setup("test" if cfg.split == "test" else "fit")
+    if dm.num_classes != arch.num_classes:
+        raise ValueError(
+            f"model has {arch.num_classes} classes but {cfg.data.name} has {dm.num_classes}"
+        )
+    device = resolve_device(cfg.device)
+    module.to(device)
+    x, y = dm.split_tensors(cfg.split)
+    if sw.max_images is not None:
+        x, y = dm.subset(cfg.split, int(sw.max_images), seed=cfg.seed)
+    batches = list(dm.normalized_batches((x, y), device=device))
+    k = module.cfg.eval_k if sw.k is None else int(sw.k)
+    if k < 1:
+        raise ValueError(f"sweep.k={sw.k} must be at least 1")
+    log(
+        f"[metamorph-eval] metamorphic checkpoint {cfg.src}: blocks {net.meta_blocks}, "
+        f"{cfg.data.name}/{cfg.split} ({len(y)} images), EMA, K={k}"
+    )
+    rows = run_sweep(
+        module,
+        batches,
+        gammas=list(sw.gammas),
+        depths=list(sw.depths),
+        n_random=int(sw.random_shapes),
+        k=k,
+        seed=int(cfg.seed),
+        latency=bool(cfg.latency),
+        latency_batch_size=int(sw.latency_batch_size),
+        latency_threads=cfg.latency_threads,
+        latency_min_run_time=float(sw.latency_min_run_time),
+        log=log,
+    )
+    trained = trained_gamma_range(net)
+    header = (
+        f"Sweep of `{cfg.src}` on {cfg.data.name}/{cfg.split} ({len(y)} images; EMA INR, "
+        f"K={k}; trained ratios gamma in [{trained[0]:g}, {trained[1]:g}]; latency: batch "
+        f"{sw.latency_batch_size}, {cfg.latency_threads or torch.get_num_threads()} threads)"
+    )
+    with StagedOutputs(out_dir) as st:
+        write_outputs(
+            rows,
+            st.path(""),
+            trained,
+            baselines,
+            header=header,
+            title=f"{cfg.split} ({len(y)} images), K={k}",
+        )
+        files = [str(p) for p in st.commit()]
+    points = [r.to_dict() for r in rows]
+    full = next((r for r in rows if r.gamma == 0.0 and r.label.startswith("g")), rows[0])
+    return {
+        "src": str(cfg.src),
+        "kind": "metamorphic",
+        "split": cfg.split,
+        "images": len(y),
+        "k": k,
+        "acc": round(full.acc, 3),
+        "params": full.params,
+        "flops": full.flops,
+        "points": points,
+        "baselines": [b.name for b in baselines],
+        "out_dir": str(out_dir.absolute()),
+        "files": sorted(files),
+        "time_s": round(time.time() - t0, 1),
+    }
+
+
 def run(cfg: DictConfig) -> dict:
+    if is_metamorphic_checkpoint(cfg.src):
+        return run_metamorphic(cfg)
     t0 = time.time()
     model = load_eval_model(cfg.src)
     dm = build_datamodule(cfg.data, mean=model.arch.mean, std=model.arch.std, seed=cfg.seed)
@@ -84,6 +187,17 @@ def run(cfg: DictConfig) -> dict:
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="eval")
 def main(cfg: DictConfig) -> None:
+    if is_metamorphic_checkpoint(cfg.src):
+        try:
+            s = run_metamorphic(cfg)
+        except (ValueError, FileNotFoundError, PermissionError, NotADirectoryError) as e:
+            print(f"metamorph-eval: error: {e}", file=sys.stderr, flush=True)
+            sys.exit(2)
+        md = Path(next(f for f in s["files"] if f.endswith("sweep.md")))
+        print(md.read_text())
+        print(f"  wrote {len(s['files'])} files to {s['out_dir']}")
+        print_summary(s)
+        return
     s = run(cfg)
     print(f"[metamorph-eval] {s['src']} on {cfg.data.name}/{s['split']} ({s['images']} images)")
     print(f"  accuracy {s['acc']:.2f}%  params {s['params']:,}  FLOPs {s['flops'] / 1e6:.1f} M")

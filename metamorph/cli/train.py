@@ -84,8 +84,14 @@ def run(cfg: DictConfig) -> dict:
         from metamorph.tasks.metamorph_train import run_metamorph
 
         summary = run_metamorph(cfg)
+    elif task == "slimmable":
+        from metamorph.tasks.slimmable import run_slimmable
+
+        summary = run_slimmable(cfg)
     else:
-        raise ValueError(f"unknown task {task!r}; choose task=pretrain or task=metamorph")
+        raise ValueError(
+            f"unknown task {task!r}; choose task=pretrain, task=metamorph or task=slimmable"
+        )
     return summary
 
 

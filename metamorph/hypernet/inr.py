@@ -99,18 +99,25 @@ class WeightINR(nn.Module):
         ref = next(self.parameters(), None)
         if ref is not None:
             head = head.to(ref.device)
-        if init_from is not None:
-            head.load_state_dict(self.heads[self.key(init_from)].state_dict())
-            # The copy sees a different constant i/L: absorb the change of its Fourier features
-            # into the first bias, so the new head emits what the source emits at the same shape.
-            src = self.slots[init_from]
-            with torch.no_grad():
-                i = head.inp.weight.new_zeros(2, 6)
-                i[0, 0], i[1, 0] = src.index / self.num_slots, slot.index / self.num_slots
-                f = fourier_features(i, self.cfg.freqs)
-                head.inp.bias.add_(head.inp.weight @ (f[0] - f[1]))
         self.heads[self.key(slot.name)] = head
         self.slots[slot.name] = slot
+        if init_from is not None:
+            self.copy_head(init_from, slot.name)
+
+    @torch.no_grad()
+    def copy_head(self, src_name: str, dst_name: str) -> None:
+        """Initialise head ``dst_name`` from the trained head ``src_name`` (INR initialisation).
+
+        The copy sees a different constant i/L: the change of its Fourier features is absorbed
+        into the first bias, so the new head emits what the source emits at the same shape.
+        """
+        src, dst = self.slots[src_name], self.slots[dst_name]
+        head = self.head(dst_name)
+        head.load_state_dict(self.head(src_name).state_dict())
+        i = head.inp.weight.new_zeros(2, 6)
+        i[0, 0], i[1, 0] = src.index / self.num_slots, dst.index / self.num_slots
+        f = fourier_features(i, self.cfg.freqs)
+        head.inp.bias.add_(head.inp.weight @ (f[0] - f[1]))
 
     def head(self, name: str) -> ResMLPHead:
         return self.heads[self.key(name)]

@@ -40,6 +40,9 @@ class MetaSpec:
     max_width_factor: float = 2.0
     depth_choices: list[int] = field(default_factory=list)  # [] = depth fixed
     norm: float | None = None  # N of the coordinates; default: widest stage width
+    # metamorph extension (not in NeuMeta): emitted = first-d-channel slice of the prepared
+    # weights (zero-padded above full width) + the INR's output, whose last layer starts at 0
+    anchor: bool = False
 
 
 def block_names(arch: ResNetArch) -> list[str]:
@@ -64,7 +67,11 @@ class MetaResNet(nn.Module):
         unknown = [b for b in blocks if b not in all_blocks]
         if unknown:
             raise ValueError(f"unknown metamorphic blocks {unknown}; this network has {all_blocks}")
-        self.meta_blocks: list[str] = []
+        self.head_blocks: list[str] = []  # blocks with INR heads, in the order they were added
+        # Which blocks currently take their weights from the INR (block-incremental training
+        # activates them one at a time); a buffer, so checkpoints restore it.
+        self.register_buffer("block_active", torch.zeros(len(all_blocks), dtype=torch.bool))
+        self._all_blocks = all_blocks
         # Global slot index: position of a tensor in the full network, independent of scope and depth.
         self.slot_of: dict[str, TensorSlot] = {}
         for bi, bname in enumerate(all_blocks):
@@ -87,14 +94,33 @@ class MetaResNet(nn.Module):
             self.add_block(b)
 
     # ------------------------------------------------------------------ scope
-    def add_block(self, name: str, init_from: str | None = None) -> None:
-        """Make block ``name`` metamorphic; its heads copy ``init_from``'s heads if given."""
-        if name in self.meta_blocks:
-            return
+    @property
+    def meta_blocks(self) -> list[str]:
+        """The blocks whose weights currently come from the INR."""
+        return [b for b in self.head_blocks if bool(self.block_active[self._all_blocks.index(b)])]
+
+    def add_block(self, name: str, init_from: str | None = None, active: bool = True) -> None:
+        """Give block ``name`` INR heads (copies of ``init_from``'s heads if given)."""
+        if name not in self.head_blocks:
+            for t in BLOCK_TENSORS:
+                src = f"{init_from}.{t}" if init_from else None
+                self.inr.add_slot(self.slot_of[f"{name}.{t}"], init_from=src)
+                if self.spec.anchor and src is None:
+                    out = self.inr.head(f"{name}.{t}").out
+                    nn.init.zeros_(out.weight)
+                    nn.init.zeros_(out.bias)
+            self.head_blocks.append(name)
+        self.set_active(name, active)
+
+    def set_active(self, name: str, active: bool = True) -> None:
+        if name not in self.head_blocks:
+            raise ValueError(f"{name} has no INR heads; metamorphic blocks: {self.head_blocks}")
+        self.block_active[self._all_blocks.index(name)] = active
+
+    def copy_block_heads(self, src: str, dst: str) -> None:
+        """INR initialisation: ``dst``'s heads start as copies of ``src``'s trained heads."""
         for t in BLOCK_TENSORS:
-            src = f"{init_from}.{t}" if init_from else None
-            self.inr.add_slot(self.slot_of[f"{name}.{t}"], init_from=src)
-        self.meta_blocks.append(name)
+            self.inr.copy_head(f"{src}.{t}", f"{dst}.{t}")
 
     def base_tensor(self, name: str) -> torch.Tensor:
         return getattr(self, "base__" + name.replace(".", "__"))
@@ -177,6 +203,16 @@ class MetaResNet(nn.Module):
             return (base[0], w, *base[2:])
         return tuple(base)
 
+    def anchor_tensor(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
+        """The prepared weights cut (or zero-padded) to ``shape``: the anchored variant's base."""
+        base = self.base_tensor(name)
+        if tuple(base.shape) == tuple(shape):
+            return base
+        out = base.new_zeros(shape)
+        idx = tuple(slice(0, min(a, b)) for a, b in zip(base.shape, shape))
+        out[idx] = base[idx]
+        return out
+
     def present_meta_tensors(self, hidden: Shape) -> list[str]:
         names = []
         for blk in self.meta_blocks:
@@ -202,12 +238,13 @@ class MetaResNet(nn.Module):
             slot = self.slot_of[name]
             shape = self.tensor_shape(name, hidden)
             if k <= 1:
-                out[name] = self.inr.emit_tensor(slot, shape, noise, generator, quirk)
+                w = self.inr.emit_tensor(slot, shape, noise, generator, quirk)
             else:
                 acc = self.inr.emit_tensor(slot, shape, 0.0)
                 for _ in range(k - 1):
                     acc = acc + self.inr.emit_tensor(slot, shape, noise, generator, quirk)
-                out[name] = acc / k
+                w = acc / k
+            out[name] = w + self.anchor_tensor(name, shape) if self.spec.anchor else w
         return out
 
     def params_for(

@@ -551,3 +551,25 @@ def permute_for_smoothness(
         time_limit=float(time_limit),
     )
     return model, report
+
+
+def importance_orders(
+    model: nn.Module, groups: Sequence[ChannelGroup] | None = None
+) -> dict[str, list[int]]:
+    """Hidden channels of every block sorted by descending L1 norm of their conv1 filters.
+
+    After this function-preserving reordering, keeping the first d hidden channels of a block is
+    L1 channel pruning; the anchored metamorphic variant starts from exactly that network.
+    """
+    groups = channel_groups(model) if groups is None else groups
+    tensors = _tensors(model)
+    orders = {}
+    for g in groups:
+        if g.kind != "hidden":
+            continue
+        conv1 = next(m for m in g.members if m.key.endswith("conv1.weight") and m.dim == 0)
+        w = tensors[conv1.key].index_select(0, torch.tensor(conv1.positions))
+        orders[g.name] = torch.argsort(
+            w.abs().flatten(1).sum(1), descending=True, stable=True
+        ).tolist()
+    return orders

@@ -31,6 +31,20 @@ class LossConfig:
 
 
 @dataclass
+class ScheduleConfig:
+    """Block-wise incremental training (Sommariva et al.): blocks of ``order`` become
+    metamorphic one at a time, every ``epochs_per_block`` epochs. ``init=copy`` starts a new
+    block's heads as copies of the previous block's trained heads (``random``: fresh heads);
+    ``freeze_earlier`` stops training the heads of blocks added before the newest."""
+
+    enabled: bool = False
+    order: list[str] = field(default_factory=list)  # [] = the scope's block order
+    epochs_per_block: int = 1
+    init: str = "copy"
+    freeze_earlier: bool = False
+
+
+@dataclass
 class MetamorphConfig:
     """Everything the metamorphic module needs, stored with its checkpoints as plain data."""
 
@@ -48,6 +62,7 @@ class MetamorphConfig:
     eval_k: int = 1
     shared: list[str] = field(default_factory=list)  # base tensors trained jointly (e.g. fc.weight)
     recon_warmup_steps: int = 0  # pure reconstruction steps before the first CE step
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     seed: int = 0
 
 
@@ -135,9 +150,49 @@ class MetamorphModule(L.LightningModule):
             },
             logger=True,
         )
+        if cfg.schedule.enabled:
+            order = self.schedule_order()
+            if cfg.schedule.init not in ("copy", "random"):
+                raise ValueError(f"schedule.init={cfg.schedule.init!r}; choose copy or random")
+            for b in order[1:]:
+                net.set_active(b, False)
         n = net.base_arch.num_classes
         self.val_acc = torchmetrics.classification.MulticlassAccuracy(n, average="micro")
         self.test_acc = torchmetrics.classification.MulticlassAccuracy(n, average="micro")
+
+    # ------------------------------------------------------------------ block schedule
+    def schedule_order(self) -> list[str]:
+        order = list(self.cfg.schedule.order) or list(self.net.head_blocks)
+        unknown = [b for b in order if b not in self.net.head_blocks]
+        if unknown:
+            raise ValueError(f"schedule.order names blocks outside the scope: {unknown}")
+        return order
+
+    def apply_schedule(self, epoch: int) -> list[str]:
+        """Activate the blocks due at ``epoch`` (idempotent, so resuming is safe)."""
+        sc = self.cfg.schedule
+        order = self.schedule_order()
+        k = min(len(order), 1 + epoch // max(1, sc.epochs_per_block))
+        for j in range(k):
+            name = order[j]
+            if name in self.net.meta_blocks:
+                continue
+            if sc.init == "copy" and j > 0:
+                self.net.copy_block_heads(order[j - 1], name)
+                if self.ema is not None:
+                    for t in ("conv1.weight", "conv1.bias", "conv2.weight", "conv2.bias"):
+                        self.ema.shadow.copy_head(f"{order[j - 1]}.{t}", f"{name}.{t}")
+            self.net.set_active(name, True)
+        if sc.freeze_earlier:
+            for j, name in enumerate(order[:k]):
+                for t in ("conv1.weight", "conv1.bias", "conv2.weight", "conv2.bias"):
+                    self.net.inr.head(f"{name}.{t}").requires_grad_(j == k - 1)
+        return order[:k]
+
+    def on_train_epoch_start(self) -> None:
+        if self.cfg.schedule.enabled:
+            active = self.apply_schedule(self.current_epoch)
+            self.log("train/metamorphic_blocks", float(len(active)), on_step=False, on_epoch=True)
 
     # ------------------------------------------------------------------ evaluation weights
     @contextlib.contextmanager

@@ -19,7 +19,7 @@ from metamorph.hypernet.sampling import SamplingConfig
 from metamorph.io.model_file import save_model
 from metamorph.models import fold_batchnorm
 from metamorph.models.resnet_cifar import CifarResNet
-from metamorph.tasks.metamorph import LossConfig, MetamorphConfig, MetamorphModule
+from metamorph.tasks.metamorph import LossConfig, MetamorphConfig, MetamorphModule, ScheduleConfig
 
 
 def metamorph_config(cfg: DictConfig) -> MetamorphConfig:
@@ -61,26 +61,42 @@ def metamorph_config(cfg: DictConfig) -> MetamorphConfig:
         eval_k=int(t.eval_k),
         shared=list(t.shared),
         recon_warmup_steps=int(t.recon_warmup_steps),
+        schedule=typed(ScheduleConfig, t.get("schedule"), "task.schedule"),
         seed=int(cfg.seed),
     )
 
 
 def prepare_base(
-    model: CifarResNet, fold: bool, permute: bool, time_limit: float
+    model: CifarResNet, fold: bool, permute: bool, time_limit: float, hidden_order: str = "smooth"
 ) -> tuple[CifarResNet, dict]:
-    """Fold BN and permute channels for smoothness; returns the network and a report."""
+    """Fold BN and permute channels for smoothness; returns the network and a report.
+
+    ``hidden_order="importance"`` then re-sorts every block's hidden channels by descending L1
+    norm (function-preserving), so that keeping the first d channels is L1 pruning.
+    """
+    from metamorph.hypernet.permute import (
+        apply_permutations,
+        channel_groups,
+        importance_orders,
+        permute_for_smoothness,
+        total_variation,
+    )
+
+    if hidden_order not in ("smooth", "importance"):
+        raise ValueError(f"prepare.hidden_order={hidden_order!r}; choose smooth or importance")
     report: dict = {}
     model = model.eval()
     if fold:
         fold_batchnorm(model)
     if permute:
-        from metamorph.hypernet.permute import permute_for_smoothness, total_variation
-
         t0 = time.time()
         report["tv_before"] = float(total_variation(model))
-        model, rep = permute_for_smoothness(model, time_limit=time_limit)
+        model, _ = permute_for_smoothness(model, time_limit=time_limit)
         report["tv_after"] = float(total_variation(model))
         report["permute_s"] = round(time.time() - t0, 2)
+    if hidden_order == "importance":
+        apply_permutations(model, channel_groups(model), importance_orders(model))
+        report["tv_importance_order"] = float(total_variation(model))
     return model, report
 
 
@@ -101,7 +117,9 @@ def run_metamorph(cfg: DictConfig) -> dict:
         )
     base = load_any_model(base_path)
     p = cfg.task.prepare
-    prepared, prep_report = prepare_base(base, p.fold_bn, p.permute, p.tsp_time_limit)
+    prepared, prep_report = prepare_base(
+        base, p.fold_bn, p.permute, p.tsp_time_limit, p.get("hidden_order", "smooth")
+    )
     out_dir.mkdir(parents=True, exist_ok=True)
     save_model(prepared, out_dir / "prepared", meta={"source": str(base_path), **prep_report})
     net = MetaResNet(prepared, mcfg.spec, mcfg.inr, shared=mcfg.shared)

@@ -1,0 +1,309 @@
+"""A universally slimmable CIFAR ResNet over the metamorphic blocks' hidden width.
+
+The Slimmable baseline of NeuMeta's Table 2 (Yu & Huang, "Universally Slimmable Networks and
+Improved Training Techniques", ICCV 2019), restricted, like NeuMeta, to the hidden width of the
+metamorphic blocks (``layer3.2`` of ResNet-20 by default; ``"all"`` for every block):
+
+* **weight sharing by slicing**: width ``d`` of a block uses the first ``d`` output channels of
+  ``conv1``, the first ``d`` channels of ``bn1`` (affine parameters shared) and the first ``d``
+  input channels of ``conv2``; every other tensor is shared as it is;
+* **sandwich rule**: each step trains the largest width, the smallest and ``num_random`` others;
+* **in-place distillation**: the largest width learns from the labels, the others from its soft
+  predictions (detached);
+* **BN recalibration**: after training, the BN statistics of each width are re-estimated (reset,
+  then ``N`` training batches in train mode without gradients, cumulative average), stored per
+  shape and used by :meth:`SlimmableResNet.materialize`, which returns a plain
+  :class:`CifarResNet` of that shape.
+
+NeuMeta's setting (official code ``SLIM_FLAGS``): widths ``[0.5, 0.75, 1.0]`` in training, also
+``0.25`` at test, i.e. gamma 0 / 0.25 / 0.5 seen and 0.75 unseen.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections import OrderedDict
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+
+from metamorph.baselines.pruning import (
+    Suffix,
+    _index,
+    forward_from,
+    forward_to,
+    resolve_blocks,
+    shape_for_gamma,
+)
+from metamorph.models.resnet_cifar import CifarResNet
+
+Shape = list[list[int]]
+BNStats = dict[str, torch.Tensor]
+
+__all__ = [
+    "SandwichSampler",
+    "SlimmableConfig",
+    "SlimmableResNet",
+    "shape_key",
+    "soft_cross_entropy",
+    "sort_hidden_channels",
+]
+
+
+@dataclass
+class SlimmableConfig:
+    """``task=slimmable`` options besides ``name``, ``optim`` and ``scheduler``.
+
+    ``train_widths``: width ratios ``d / d_full`` trained (sandwich: max, min and ``num_random``
+    others per step, drawn from the list without its ends (``random_mode: list``) or uniformly
+    from the integer widths between them (``uniform``)). ``eval_gammas``: compression ratios
+    recalibrated after training and reported. ``calib_batches``: training batches per width for the
+    final BN recalibration; ``val_calib_batches``: for the quick one before each validation.
+    ``reorder: l1`` first sorts the blocks' hidden channels by decreasing L1 norm of ``conv1``
+    (function unchanged), so that the first ``d`` channels of a pretrained network are its
+    L1-pruned subnetwork.
+    """
+
+    blocks: list[str] = field(default_factory=lambda: ["layer3.2"])
+    train_widths: list[float] = field(default_factory=lambda: [0.5, 0.75, 1.0])
+    num_random: int = 1
+    random_mode: str = "list"  # list | uniform
+    inplace_distill: bool = True
+    kd_temperature: float = 1.0
+    label_smoothing: float = 0.0
+    reorder: str = "none"  # none | l1
+    eval_gammas: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75])
+    calib_batches: int = 20
+    val_calib_batches: int = 4
+    calib_batch_size: int | None = None  # default: data.batch_size
+
+    def __post_init__(self) -> None:
+        if not self.train_widths or not all(0 < r <= 1 for r in self.train_widths):
+            raise ValueError(f"train_widths must be ratios in (0, 1], got {self.train_widths}")
+        if self.random_mode not in ("list", "uniform"):
+            raise ValueError(f"random_mode must be list or uniform, got {self.random_mode!r}")
+        if self.reorder not in ("none", "l1"):
+            raise ValueError(f"reorder must be none or l1, got {self.reorder!r}")
+        if self.num_random < 0 or self.calib_batches < 1 or self.val_calib_batches < 0:
+            raise ValueError("num_random >= 0, calib_batches >= 1 and val_calib_batches >= 0")
+        if not all(0 <= g < 1 for g in self.eval_gammas):
+            raise ValueError(f"eval_gammas must be in [0, 1), got {self.eval_gammas}")
+
+
+def shape_key(hidden: Shape) -> str:
+    """The key of a shape in the per-width BN statistics (``json.dumps(hidden)``)."""
+    return json.dumps([[int(w) for w in s] for s in hidden])
+
+
+def _is_bn_stat(name: str) -> bool:
+    return name.endswith(("running_mean", "running_var", "num_batches_tracked"))
+
+
+@torch.no_grad()
+def sort_hidden_channels(net: CifarResNet, blocks: str | Iterable[str]) -> CifarResNet:
+    """Permute each chosen block's hidden channels by decreasing ``sum |conv1.weight|`` (in place;
+    the function computed is unchanged)."""
+    for name in resolve_blocks(net.arch, blocks):
+        block = net.get_submodule(name)
+        order = torch.argsort(block.conv1.weight.abs().flatten(1).sum(1), descending=True)
+        for t in [
+            block.conv1.weight,
+            block.conv1.bias,
+            *block.bn1.parameters(),
+            *block.bn1.buffers(),
+        ]:
+            if t is not None and t.dim() > 0:
+                t.copy_(t[order])
+        block.conv2.weight.copy_(block.conv2.weight[:, order])
+    return net
+
+
+class SandwichSampler:
+    """Width ratios of one training step: ``[max, min, r_1, ..., r_n]``, seeded by the step."""
+
+    def __init__(
+        self,
+        widths: Iterable[float],
+        num_random: int = 1,
+        mode: str = "list",
+        seed: int = 0,
+        full: int | None = None,
+    ) -> None:
+        self.widths = sorted({float(w) for w in widths})
+        self.num_random = int(num_random)
+        self.mode = mode
+        self.seed = int(seed)
+        self.full = full  # full width, for mode="uniform" (integer widths between the ends)
+
+    def __call__(self, step: int) -> list[float]:
+        lo, hi = self.widths[0], self.widths[-1]
+        out = [hi] if lo == hi else [hi, lo]
+        if self.num_random == 0:
+            return out
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + int(step))
+        if self.mode == "uniform" and self.full:
+            a, b = max(1, round(lo * self.full)), round(hi * self.full)
+            draws = torch.randint(a, b + 1, (self.num_random,), generator=g)
+            return out + [int(d) / self.full for d in draws]
+        inner = self.widths[1:-1] or self.widths
+        idx = torch.randint(0, len(inner), (self.num_random,), generator=g)
+        return out + [inner[i] for i in idx.tolist()]
+
+
+class SlimmableResNet(nn.Module):
+    """A :class:`CifarResNet` (BN present) whose chosen blocks run at any hidden width ``d``
+    on the first ``d`` channels of their tensors.
+
+    ``forward(x, hidden)`` runs the network at ``hidden`` (a shape like ``arch.hidden``; ``None``:
+    full). ``features(x)`` + ``forward_from(h, hidden)`` split the network at the first slimmable
+    block, so that a sandwich step runs the unchanged prefix once.
+    """
+
+    def __init__(self, net: CifarResNet, blocks: str | Iterable[str] = ("layer3.2",)) -> None:
+        super().__init__()
+        if not isinstance(net, CifarResNet):
+            raise TypeError(f"expected a CifarResNet, got {type(net).__name__}")
+        if not net.arch.bn:
+            raise ValueError(
+                "slimmable training needs BatchNorm (BN statistics are recalibrated per width); "
+                "start from an unfolded network"
+            )
+        self.net = net
+        self.blocks = resolve_blocks(net.arch, blocks)
+        self.start = self.blocks[0]
+        self.full_shape: Shape = [list(s) for s in net.arch.hidden]
+        self.calibrated: dict[str, BNStats] = {}
+        self._templates: OrderedDict[str, nn.Module] = OrderedDict()
+
+    # ------------------------------------------------------------------ shapes
+    def full_width(self, block: str) -> int:
+        s, b = _index(block)
+        return self.full_shape[s][b]
+
+    def shape_for_gamma(self, gamma: float) -> Shape:
+        return shape_for_gamma(self.net.arch, self.blocks, gamma)
+
+    def shape_for_ratio(self, ratio: float) -> Shape:
+        """Every slimmable block at ``max(1, round(ratio * full))``."""
+        chosen = set(self.blocks)
+        return [
+            [
+                max(1, round(w * ratio)) if f"layer{s + 1}.{b}" in chosen else w
+                for b, w in enumerate(stage)
+            ]
+            for s, stage in enumerate(self.full_shape)
+        ]
+
+    def check_shape(self, hidden: Shape) -> None:
+        if len(hidden) != len(self.full_shape) or any(
+            len(h) != len(f) for h, f in zip(hidden, self.full_shape)
+        ):
+            raise ValueError(f"shape {hidden} must keep the depth of {self.full_shape}")
+        for s, (stage, full) in enumerate(zip(hidden, self.full_shape)):
+            for b, (w, fw) in enumerate(zip(stage, full)):
+                name = f"layer{s + 1}.{b}"
+                if name in self.blocks:
+                    if not 1 <= w <= fw:
+                        raise ValueError(f"width {w} of {name} must be in 1..{fw}")
+                elif w != fw:
+                    raise ValueError(f"{name} is not slimmable: its width must stay {fw}")
+
+    # ------------------------------------------------------------------ tensors
+    def sliced_state(self, hidden: Shape, detach: bool = False) -> dict[str, torch.Tensor]:
+        """Every parameter and buffer of the network at ``hidden`` (views of the shared ones)."""
+        self.check_shape(hidden)
+        state = self.net.state_dict(keep_vars=True)
+        out = {}
+        for k, v in state.items():
+            parts = k.split(".")
+            block = ".".join(parts[:2])
+            d = None
+            if block in self.blocks:
+                s, b = _index(block)
+                d = hidden[s][b]
+            if d is not None and parts[2] in ("conv1", "bn1") and v.dim() > 0:
+                v = v[:d]
+            elif d is not None and parts[2] == "conv2" and parts[3] == "weight":
+                v = v[:, :d]
+            out[k] = v.detach() if detach else v
+        return out
+
+    def arch_for(self, hidden: Shape):
+        arch = copy.deepcopy(self.net.arch)
+        arch.hidden = [list(map(int, s)) for s in hidden]
+        return arch
+
+    def _template(self, hidden: Shape) -> nn.Module:
+        key = shape_key(hidden)
+        mod = self._templates.get(key)
+        if mod is None:
+            with torch.device("meta"):
+                mod = Suffix(CifarResNet(self.arch_for(hidden)), self.start)
+            self._templates[key] = mod
+            if len(self._templates) > 64:
+                self._templates.popitem(last=False)
+        return mod
+
+    # ------------------------------------------------------------------ forward
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """The input of the first slimmable block (the part every width shares)."""
+        return forward_to(self.net, self.start, x)
+
+    def forward_from(self, h: torch.Tensor, hidden: Shape | None = None) -> torch.Tensor:
+        if hidden is None or hidden == self.full_shape:
+            return forward_from(self.net, self.start, h)
+        mod = self._template(hidden).train(self.training)
+        state = {f"net.{k}": v for k, v in self.sliced_state(hidden).items()}
+        return functional_call(mod, state, (h,))
+
+    def forward(self, x: torch.Tensor, hidden: Shape | None = None) -> torch.Tensor:
+        return self.forward_from(self.features(x), hidden)
+
+    # ------------------------------------------------------------------ BN recalibration
+    @torch.no_grad()
+    def calibrate(self, hidden: Shape, batches: Iterable) -> BNStats:
+        """Re-estimate every BN layer's statistics at ``hidden`` from ``batches`` (normalized
+        ``(x, y)`` or ``x``; train mode, no gradients, cumulative average); stores and returns them."""
+        net = self.materialize(hidden, use_calibrated=False)
+        for m in net.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.reset_running_stats()
+                m.momentum = None  # cumulative moving average over the calibration batches
+        net.train()
+        n = 0
+        for batch in batches:
+            x = batch[0] if isinstance(batch, (tuple, list)) else batch
+            net(x.to(next(net.parameters()).device))
+            n += 1
+        if n == 0:
+            raise ValueError("BN recalibration got no batches")
+        stats = {k: v.detach().clone() for k, v in net.state_dict().items() if _is_bn_stat(k)}
+        self.calibrated[shape_key(hidden)] = stats
+        return stats
+
+    @torch.no_grad()
+    def materialize(self, hidden: Shape, use_calibrated: bool = True) -> CifarResNet:
+        """A standalone plain :class:`CifarResNet` at ``hidden`` (copies of the sliced tensors),
+        with that width's recalibrated BN statistics when they exist (``use_calibrated``)."""
+        device = next(self.net.parameters()).device
+        net = CifarResNet(self.arch_for(hidden)).to(device)
+        net.load_state_dict({k: v.clone() for k, v in self.sliced_state(hidden, True).items()})
+        stats = self.calibrated.get(shape_key(hidden)) if use_calibrated else None
+        if stats is not None:
+            net.load_state_dict({k: v.to(device) for k, v in stats.items()}, strict=False)
+        if hasattr(self.net, "meta"):
+            net.meta = dict(self.net.meta)
+        return net.eval()
+
+    def is_calibrated(self, hidden: Shape) -> bool:
+        return shape_key(hidden) in self.calibrated
+
+
+def soft_cross_entropy(logits: torch.Tensor, target_probs: torch.Tensor, t: float) -> torch.Tensor:
+    """``-sum p_teacher log p_student`` (temperature ``t``, scaled by ``t^2``), batch mean."""
+    return -(target_probs * F.log_softmax(logits / t, dim=1)).sum(1).mean() * (t * t)

@@ -1,0 +1,293 @@
+"""``metamorph-sample``: a standalone network from a metamorphic checkpoint.
+
+The target is a compression ratio (``gamma=``), an explicit shape (``hidden=``) or a budget
+(``budget.max_params`` / ``max_flops`` / ``max_latency_ms``: the most accurate candidate within
+it). The weights are the evaluation emission (EMA INR, K-sample averaged); the network is written
+as ``<out>.safetensors`` + ``<out>.json`` (loadable with ``metamorph.load``), plus ``<out>.onnx``
+(checked against PyTorch with onnxruntime) for ``format=onnx`` or ``<out>.pt2`` (a
+``torch.export`` program) for ``format=export``. Nothing is written unless everything succeeded.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import hydra
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from metamorph.cli.common import CONF_DIR, build_datamodule, print_summary
+from metamorph.export.formats import (
+    FORMATS,
+    check_onnx,
+    check_program,
+    export_onnx,
+    export_program,
+)
+from metamorph.export.outputs import StagedOutputs, check_output_dir
+from metamorph.export.sample import (
+    Budget,
+    candidate_shapes,
+    load_metamorphic,
+    materialize,
+    select_for_budget,
+    shape_for_target,
+    val_batches,
+)
+from metamorph.hypernet.evaluate import is_seen
+from metamorph.io.model_file import save_model
+from metamorph.utils.profile import count_flops, count_params
+
+# Errors that are the user's input, reported as one line and exit status 2.
+USER_ERRORS = (
+    ValueError,
+    FileNotFoundError,
+    PermissionError,
+    NotADirectoryError,
+    IsADirectoryError,
+)
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device=cuda but no CUDA device is available; use device=cpu")
+    return torch.device(name)
+
+
+def _out_prefix(out) -> Path:
+    if out is None or str(out).strip() == "":
+        raise ValueError("out= is required: the output path prefix (<out>.safetensors, <out>.json)")
+    p = Path(str(out))
+    if p.suffix in (".json", ".safetensors", ".onnx", ".pt2"):
+        p = p.with_suffix("")
+    if p.name in ("", ".", ".."):
+        raise ValueError(f"out={out} needs a file name prefix, e.g. out=outputs/models/r20_g05")
+    return p.absolute()
+
+
+def _budget_record(b: dict) -> dict:
+    """The limits given, plus the latency settings when latency is limited."""
+    keys = ["max_params", "max_flops", "max_latency_ms"]
+    if b.get("max_latency_ms") is not None:
+        keys += ["batch_size", "threads", "latency_min_run_time"]
+    return {k: b[k] for k in keys if b.get(k) is not None}
+
+
+def _target(cfg: DictConfig) -> str:
+    b = cfg.budget
+    budget_set = any(b.get(k) is not None for k in ("max_params", "max_flops", "max_latency_ms"))
+    given = [
+        name
+        for name, on in (
+            ("gamma", cfg.gamma is not None),
+            ("hidden", cfg.hidden is not None),
+            ("budget", budget_set),
+        )
+        if on
+    ]
+    if len(given) != 1:
+        raise ValueError(
+            "give exactly one target: gamma=<ratio in [0,1)>, hidden=<[[w,...],...]> or a "
+            f"budget (budget.max_params / max_flops / max_latency_ms); got {given or 'none'}"
+        )
+    return given[0]
+
+
+def run(cfg: DictConfig, log=print) -> dict:
+    t0 = time.time()
+    if cfg.threads:
+        torch.set_num_threads(int(cfg.threads))
+    fmt = str(cfg.format)
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown format={fmt}; choose one of {', '.join(FORMATS)}")
+    target = _target(cfg)
+    if cfg.depth is not None and target != "gamma":
+        raise ValueError("depth= applies only with gamma=; give explicit widths with hidden=")
+    out = _out_prefix(cfg.out)
+    check_output_dir(out.parent)  # fail before any expensive work
+    budget = None
+    if target == "budget":
+        b = OmegaConf.to_container(cfg.budget, resolve=True)
+        budget = Budget(**b)
+    module = load_metamorphic(cfg.ckpt)
+    net = module.net
+    k = module.cfg.eval_k if cfg.k is None else int(cfg.k)
+    if k < 1:
+        raise ValueError(f"k={cfg.k} must be at least 1 (the number of averaged emissions)")
+    seed = int(cfg.seed)
+    summary: dict = {"ckpt": str(cfg.ckpt), "target": target, "k": k, "format": fmt}
+    chosen = None
+    if target == "budget":
+        device = _device(str(cfg.device))
+        module.to(device)
+        dm = build_datamodule(
+            cfg.data, mean=net.base_arch.mean, std=net.base_arch.std, seed=int(cfg.seed)
+        )
+        dm.setup("fit")
+        if dm.num_classes != net.base_arch.num_classes:
+            raise ValueError(
+                f"the checkpoint has {net.base_arch.num_classes} classes but {cfg.data.name} "
+                f"has {dm.num_classes}"
+            )
+        batches = val_batches(dm, str(cfg.split), cfg.val_subset, seed=seed, device=device)
+        n_images = sum(len(y) for _, y in batches)
+        s = cfg.search
+        cands = candidate_shapes(
+            net, float(s.gamma_step), float(s.max_gamma), int(s.random_shapes), int(s.seed)
+        )
+        log(f"[metamorph-sample] budget: {budget.describe()}")
+        log(f"  {len(cands)} candidate shapes (uniform ratios, depths, non-uniform, smallest)")
+        chosen, cands = select_for_budget(module, cands, budget, batches, k=k, seed=seed, log=log)
+        module.cpu()
+        within = [c for c in cands if c.within_budget]
+        log(
+            f"  {len(within)} of {len(cands)} met the budget; ranked by {cfg.split} accuracy on "
+            f"{n_images} images (EMA, K={k})"
+        )
+        ranked = sorted(within, key=lambda c: (-c.acc, c.flops, c.params))
+        log("  rank | shape        | acc (%) | params     | MFLOPs  | latency (ms)")
+        for i, c in enumerate(ranked[:5]):
+            lat = "-" if c.latency_ms is None else f"{c.latency_ms:.3f}"
+            log(
+                f"  {i + 1:>4} | {c.label:<12} | {c.acc:7.2f} | {c.params:>10,} | "
+                f"{c.flops / 1e6:7.2f} | {lat}"
+            )
+        hidden = chosen.hidden
+        why = (
+            f"most accurate of the {len(within)} shapes within the budget "
+            f"({chosen.acc:.2f}% on {n_images} {cfg.split} images"
+        )
+        if len(ranked) > 1:
+            why += f"; runner-up {ranked[1].label} {ranked[1].acc:.2f}%"
+        why += ")"
+        summary.update(
+            {
+                "budget": _budget_record(b),
+                "chosen": chosen.label,
+                "val_acc": chosen.acc,
+                "val_images": n_images,
+                "candidates": len(cands),
+                "met_budget": len(within),
+                "latency_ms": chosen.latency_ms,
+                "why": why,
+            }
+        )
+    else:
+        hidden = shape_for_target(
+            net,
+            gamma=cfg.gamma if target == "gamma" else None,
+            hidden=cfg.hidden if target == "hidden" else None,
+            depth=OmegaConf.to_container(cfg.depth)
+            if OmegaConf.is_config(cfg.depth)
+            else cfg.depth,
+        )
+
+    model = materialize(module, hidden, k=k, seed=seed)
+    params, flops = count_params(model), count_flops(model)
+    gamma = net.gamma_of(hidden)
+    seen = is_seen(net, hidden)
+    meta = {
+        "source": "metamorph-sample",
+        "checkpoint": str(Path(str(cfg.ckpt)).absolute()),
+        "shape": hidden,
+        "gamma": round(gamma, 6),
+        "k": k,
+        "seed": seed,
+        "seen": seen,
+        "ema": module.ema is not None,
+        "target": target,
+    }
+    if target == "gamma":
+        meta["requested_gamma"] = float(cfg.gamma)
+    if chosen is not None:
+        meta.update(
+            budget=summary["budget"],
+            val_acc=chosen.acc,
+            val_images=summary["val_images"],
+            chosen=chosen.label,
+        )
+    files: dict[str, str] = {}
+    with StagedOutputs(out.parent) as st:
+        save_model(model, st.path(out.name), meta=meta)
+        if fmt == "onnx":
+            onnx_path = st.path(out.name + ".onnx")
+            exporter = export_onnx(
+                model, onnx_path, opset=int(cfg.onnx.opset), exporter=str(cfg.onnx.exporter)
+            )
+            diff = check_onnx(onnx_path, model, batch=int(cfg.onnx.batch), seed=seed)
+            summary["onnx_exporter"] = exporter
+            summary["onnx_max_abs_diff"] = diff
+            if not diff <= float(cfg.onnx.atol):
+                raise ValueError(
+                    f"the ONNX export's logits differ from PyTorch's by {diff:.3g} "
+                    f"> onnx.atol={cfg.onnx.atol}; nothing was written"
+                )
+        elif fmt == "export":
+            pt2 = st.path(out.name + ".pt2")
+            export_program(model, pt2)
+            diff = check_program(pt2, model, batch=int(cfg.onnx.batch), seed=seed)
+            summary["export_max_abs_diff"] = diff
+            if not diff <= float(cfg.onnx.atol):
+                raise ValueError(
+                    f"the reloaded torch.export program differs from the model by {diff:.3g}; "
+                    "nothing was written"
+                )
+        for p in st.commit():
+            files[p.suffix.lstrip(".")] = str(p)
+    summary.update(
+        {
+            "hidden": hidden,
+            "gamma": round(gamma, 4),
+            "seen": seen,
+            "depth": model.arch.depth,
+            "params": params,
+            "flops": flops,
+            "model": files["json"],
+            "files": sorted(files.values()),
+            "time_s": round(time.time() - t0, 2),
+        }
+    )
+    return summary
+
+
+def report(s: dict) -> None:
+    print(
+        f"[metamorph-sample] {s['ckpt']} -> {s['model']} "
+        f"(ResNet-{s['depth']}, gamma {s['gamma']:.3f}, {'seen' if s['seen'] else 'unseen'}, K={s['k']})"
+    )
+    print(f"  shape   {s['hidden']}")
+    print(f"  cost    {s['params']:,} params, {s['flops'] / 1e6:.2f} MFLOPs")
+    if s["target"] == "budget":
+        lat = "" if s.get("latency_ms") is None else f", {s['latency_ms']:.3f} ms"
+        print(
+            f"  chosen  {s['chosen']}: {s['why']}{lat}; {s['candidates']} candidates considered, "
+            f"{s['met_budget']} met the budget"
+        )
+    if "onnx_max_abs_diff" in s:
+        print(
+            f"  onnx    max |logit diff| vs PyTorch {s['onnx_max_abs_diff']:.3g} "
+            f"(onnxruntime, {s['onnx_exporter']} exporter)"
+        )
+    if "export_max_abs_diff" in s:
+        print(f"  export  torch.export program reloaded, max |diff| {s['export_max_abs_diff']:.3g}")
+    for f in s["files"]:
+        print(f"  wrote   {f}")
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="sample")
+def main(cfg: DictConfig) -> None:
+    try:
+        s = run(cfg)
+    except USER_ERRORS as e:
+        print(f"metamorph-sample: error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    report(s)
+    print_summary(s)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,102 @@
+"""``metamorph-search``: GeneCAI-style genetic search for per-layer compression.
+
+``search=genecai`` (default): decomposition search -> fine-tune -> pruning search -> fine-tune
+of chosen front points, on a pretrained network (``base=``, a model file or an akamaster
+checkpoint). ``search=metamorph``: a search over the per-block widths (and stage depths) of a
+metamorphic checkpoint (``ckpt=``). Writes the evaluations and fronts (CSV), the fine-tuned
+front models (safetensors + JSON), a uniform-L1 baseline at matching FLOPs and a plot of
+accuracy vs FLOPs to the run folder; the last line of stdout is a one-line JSON summary.
+
+    metamorph-search base=outputs/models/resnet56_ft.json data=cifar10 data.root=...
+    metamorph-search search=metamorph ckpt=outputs/runs/.../metamorph.ckpt
+    metamorph-search experiment=genecai_resnet56 search.algorithm=scalar
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import hydra
+import torch
+from omegaconf import DictConfig
+
+from metamorph.cli.common import CONF_DIR, build_datamodule, load_any_model, print_summary
+from metamorph.config.schema import typed
+
+
+def run(cfg: DictConfig, log=print) -> dict:
+    from metamorph.search.config import SearchConfig
+    from metamorph.search.pipeline import format_table, run_pipeline
+
+    t0 = time.time()
+    if cfg.get("threads"):
+        torch.set_num_threads(int(cfg.threads))
+    scfg: SearchConfig = typed(SearchConfig, cfg.search, "search")
+    seed = int(cfg.seed)
+    torch.manual_seed(seed)
+    out = Path(cfg.paths.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    module = None
+    base_model = None
+    if scfg.method == "metamorph":
+        if not cfg.get("ckpt"):
+            raise ValueError(
+                "search=metamorph needs ckpt=<metamorphic checkpoint (metamorph.ckpt)>"
+            )
+        from metamorph.tasks.metamorph_train import load_metamorph_checkpoint
+
+        module = load_metamorph_checkpoint(cfg.ckpt)
+        arch = module.net.base_arch
+        source = str(cfg.ckpt)
+    else:
+        if not cfg.get("base"):
+            raise ValueError(
+                "metamorph-search needs base=<pretrained model file (.json) or akamaster .th>"
+            )
+        if not Path(str(cfg.base)).exists() and not Path(str(cfg.base) + ".json").exists():
+            raise FileNotFoundError(f"base={cfg.base} not found")
+        base_model = load_any_model(cfg.base).eval()
+        arch = base_model.arch
+        source = str(cfg.base)
+    dm = build_datamodule(cfg.data, mean=arch.mean, std=arch.std, seed=seed)
+    dm.setup("fit")
+    if dm.num_classes != arch.num_classes:
+        raise ValueError(
+            f"the network has {arch.num_classes} classes but {cfg.data.name} has {dm.num_classes}"
+        )
+    summary = run_pipeline(
+        scfg,
+        dm,
+        out,
+        base_model=base_model,
+        metamorph_ckpt=str(cfg.ckpt) if scfg.method == "metamorph" else None,
+        metamorph_module=module,
+        seed=seed,
+        log=log,
+    )
+    summary["source"] = source
+    summary["output_dir"] = str(out)
+    log("")
+    log(format_table(summary))
+    summary["time_s"] = round(time.time() - t0, 1)
+    return summary
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="search")
+def main(cfg: DictConfig) -> None:
+    try:
+        summary = run(cfg)
+    except (ValueError, FileNotFoundError, ImportError) as e:
+        print(f"metamorph-search: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    print(
+        f"  front: {summary['files']['front']}\n  plot:  {summary['files']['plot']}\n"
+        f"  time:  {summary['time_s']} s"
+    )
+    print_summary(summary)
+
+
+if __name__ == "__main__":
+    main()

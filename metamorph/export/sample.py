@@ -1,0 +1,441 @@
+"""Sampling standalone networks from a metamorphic checkpoint.
+
+A target is a uniform compression ratio ``gamma``, an explicit ``hidden`` shape, or a
+:class:`Budget` (parameters, FLOPs, CPU latency). For a budget, :func:`select_for_budget` scores a
+fixed, seeded set of candidate shapes: cheap analytic costs first, latency only for shapes that
+pass them, then accuracy on a held-out subset for the shapes within budget; the most accurate wins.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import yaml
+
+from metamorph.hypernet.evaluate import (
+    accuracy_at,
+    count_shape_params,
+    is_seen,
+    random_shapes,
+)
+from metamorph.hypernet.metanet import MetaResNet, Shape
+from metamorph.models.resnet_cifar import CifarResNet
+from metamorph.utils.profile import count_flops, cpu_latency_ms
+
+MODEL_FILE_SUFFIXES = (".json", ".safetensors")
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading a metamorphic checkpoint (with kind checks)
+# ----------------------------------------------------------------------------------------------
+
+
+def _looks_like_model_file(path: Path) -> bool:
+    """A metamorph model file (JSON document or safetensors header) rather than a checkpoint."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(64)
+    except OSError:
+        return False
+    if head.lstrip().startswith(b"{"):  # a JSON document (checkpoints are zip or pickle)
+        return True
+    # safetensors: 8-byte little-endian header length, then a JSON header starting with '{'
+    return len(head) > 9 and head[8:9] == b"{"
+
+
+def load_metamorphic(path: str | os.PathLike):
+    """The :class:`~metamorph.tasks.metamorph.MetamorphModule` of a ``task=metamorph``
+    checkpoint (loaded with ``weights_only=True``), in eval mode.
+
+    Raises ``ValueError`` naming the problem for plain pretrain checkpoints, model files and
+    truncated or corrupt files, ``FileNotFoundError`` for a missing path.
+    """
+    from metamorph.tasks.metamorph_train import load_metamorph_checkpoint
+
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"metamorphic checkpoint {p} not found")
+    if p.is_dir():
+        raise ValueError(f"{p} is a directory; ckpt= needs a metamorphic checkpoint file (.ckpt)")
+    if p.suffix in MODEL_FILE_SUFFIXES or _looks_like_model_file(p):
+        raise ValueError(
+            f"{p} is a plain model file (safetensors + JSON), not a metamorphic checkpoint; "
+            "sample from the metamorph.ckpt written by `metamorph-train task=metamorph`"
+        )
+    try:
+        return load_metamorph_checkpoint(p)
+    except ValueError as e:
+        if "not a metamorphic checkpoint" in str(e):
+            kind = _checkpoint_kind(p)
+            if kind:
+                raise ValueError(
+                    f"{p} is a plain {kind} checkpoint, not a metamorphic one; sample from the "
+                    "metamorph.ckpt written by `metamorph-train task=metamorph`"
+                ) from e
+        raise
+
+
+def _checkpoint_kind(path: Path) -> str | None:
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001
+        return None
+    if not isinstance(ckpt, dict):
+        return None
+    hp = ckpt.get("hyper_parameters") or {}
+    task = (hp.get("config") or {}).get("task") or {}
+    if isinstance(task, dict) and task.get("name"):
+        return f"task={task['name']}"
+    if "state_dict" in ckpt and "best_prec1" in ckpt:
+        return "akamaster (foreign)"
+    return None
+
+
+# ----------------------------------------------------------------------------------------------
+# Targets
+# ----------------------------------------------------------------------------------------------
+
+
+def parse_hidden(value) -> Shape:
+    """A shape from a list of lists, a JSON/YAML string, or a path to a JSON/YAML file."""
+    try:
+        from omegaconf import DictConfig, ListConfig, OmegaConf
+
+        if isinstance(value, (ListConfig, DictConfig)):
+            value = OmegaConf.to_container(value, resolve=True)
+    except ImportError:  # pragma: no cover
+        pass
+    if isinstance(value, str):
+        text = value
+        if len(value) < 4096 and Path(value).is_file():
+            text = Path(value).read_text()
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise ValueError(f"hidden={text!r} is not a JSON/YAML list of lists ({e})") from e
+    ok = isinstance(value, (list, tuple)) and all(isinstance(s, (list, tuple)) for s in value)
+    if not ok:
+        raise ValueError(
+            f"hidden={value!r} must be a list of lists of widths, one list per stage, "
+            "e.g. [[16,16,16],[32,32,32],[64,64,32]]"
+        )
+    shape = []
+    for s, stage in enumerate(value):
+        row = []
+        for b, w in enumerate(stage):
+            if isinstance(w, bool) or not isinstance(w, (int, float)) or int(w) != w:
+                raise ValueError(f"width {w!r} of layer{s + 1}.{b} is not an integer")
+            row.append(int(w))
+        shape.append(row)
+    return shape
+
+
+def parse_gamma(value) -> float:
+    try:
+        g = float(value)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"gamma={value!r} is not a number; give a ratio in [0, 1)") from e
+    if not math.isfinite(g) or not 0.0 <= g < 1.0:
+        raise ValueError(
+            f"compression ratio gamma={value} is outside [0, 1): gamma = 1 - width/full width, "
+            "so 0 keeps the full width and values near 1 shrink every metamorphic block"
+        )
+    return g
+
+
+def shape_for_target(
+    net: MetaResNet, gamma=None, hidden=None, depth: int | Sequence[int] | None = None
+) -> Shape:
+    """The shape of a ``gamma`` (optionally at ``depth`` blocks per stage) or ``hidden`` target,
+    checked against the network (widths 1..max, non-metamorphic blocks unchanged)."""
+    if (gamma is None) == (hidden is None):
+        raise ValueError("give exactly one of gamma= and hidden=")
+    if hidden is not None:
+        shape = parse_hidden(hidden)
+    else:
+        g = parse_gamma(gamma)
+        if depth is not None and not isinstance(depth, int):
+            depth = [int(d) for d in depth]
+        shape = net.shape_for_gamma(g, depth=depth)
+        if depth is not None:
+            for s, d in enumerate([depth] * len(shape) if isinstance(depth, int) else depth):
+                if int(d) < 1:
+                    raise ValueError(f"depth {d} of stage {s + 1} must be at least 1")
+    net.check_shape(shape)
+    return shape
+
+
+# ----------------------------------------------------------------------------------------------
+# Materialising
+# ----------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def materialize(module, hidden: Shape, k: int | None = None, seed: int = 0) -> CifarResNet:
+    """A standalone plain network at ``hidden`` from the evaluation emission of ``module``
+    (EMA weights, K-sample averaged: :meth:`MetamorphModule.emit_eval`)."""
+    net: MetaResNet = module.net
+    net.check_shape(hidden)
+    emitted = module.emit_eval(hidden, k=k, seed=seed)
+    model = CifarResNet(net.arch_for(hidden))
+    state = {n: t.detach().cpu().clone() for n, t in net.params_for(hidden, emitted).items()}
+    model.load_state_dict(state)
+    return model.eval()
+
+
+def shape_flops(net: MetaResNet, hidden: Shape) -> int:
+    """Forward FLOPs of one 32x32 image, counted on the parameter-less template."""
+    return count_flops(net.template(hidden))
+
+
+def shape_latency_ms(
+    net: MetaResNet,
+    hidden: Shape,
+    batch_size: int = 1,
+    threads: int | None = None,
+    min_run_time: float = 0.2,
+) -> float:
+    """CPU latency of the plain network at ``hidden`` (weights do not change the time)."""
+    return cpu_latency_ms(
+        CifarResNet(net.arch_for(hidden)), batch_size, threads, min_run_time=min_run_time
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Budgets
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Budget:
+    max_params: int | None = None
+    max_flops: int | None = None
+    max_latency_ms: float | None = None
+    batch_size: int = 1
+    threads: int | None = 1
+    latency_min_run_time: float = 0.2
+
+    def __post_init__(self) -> None:
+        for name in ("max_params", "max_flops", "max_latency_ms"):
+            v = getattr(self, name)
+            if v is None:
+                continue
+            try:
+                v = float(v)
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"budget.{name}={v!r} is not a number") from e
+            if not math.isfinite(v) or v <= 0:
+                raise ValueError(f"budget.{name}={v} must be a positive number")
+            setattr(self, name, v if name == "max_latency_ms" else int(v))
+        if int(self.batch_size) < 1:
+            raise ValueError(f"budget.batch_size={self.batch_size} must be at least 1")
+        self.batch_size = int(self.batch_size)
+
+    @property
+    def active(self) -> bool:
+        return any(v is not None for v in (self.max_params, self.max_flops, self.max_latency_ms))
+
+    def describe(self) -> str:
+        parts = []
+        if self.max_params is not None:
+            parts.append(f"params <= {self.max_params:,}")
+        if self.max_flops is not None:
+            parts.append(f"FLOPs <= {self.max_flops:,}")
+        if self.max_latency_ms is not None:
+            parts.append(
+                f"CPU latency <= {self.max_latency_ms:g} ms (batch {self.batch_size}, "
+                f"{self.threads or torch.get_num_threads()} threads)"
+            )
+        return ", ".join(parts)
+
+
+@dataclass
+class Candidate:
+    """One shape considered for a budget."""
+
+    label: str
+    hidden: Shape
+    gamma: float
+    seen: bool
+    params: int = 0
+    flops: int = 0
+    latency_ms: float | None = None
+    acc: float | None = None
+    fails: list[str] = field(default_factory=list)
+
+    @property
+    def depth(self) -> int:
+        return 2 + 2 * sum(len(s) for s in self.hidden)
+
+    @property
+    def within_budget(self) -> bool:
+        return not self.fails
+
+    def to_dict(self) -> dict:
+        return {
+            "label": self.label,
+            "hidden": self.hidden,
+            "gamma": round(self.gamma, 4),
+            "seen": self.seen,
+            "depth": self.depth,
+            "params": self.params,
+            "flops": self.flops,
+            "latency_ms": None if self.latency_ms is None else round(self.latency_ms, 4),
+            "acc": self.acc,
+            "within_budget": self.within_budget,
+            "fails": list(self.fails),
+        }
+
+
+def smallest_shape(net: MetaResNet) -> Shape:
+    """The cheapest shape the network can emit: every metamorphic block at width 1, each stage
+    at its fewest trained blocks (``depth_choices``; full depth when depth is fixed)."""
+    choices = net.spec.depth_choices
+    shape = []
+    for s, stage in enumerate(net.base_arch.hidden):
+        keep = max(1, min(len(stage), min(choices))) if choices else len(stage)
+        shape.append(
+            [1 if f"layer{s + 1}.{b}" in net.meta_blocks else stage[b] for b in range(keep)]
+        )
+    return shape
+
+
+def candidate_shapes(
+    net: MetaResNet,
+    gamma_step: float = 0.025,
+    max_gamma: float = 0.95,
+    n_random: int = 16,
+    seed: int = 0,
+) -> list[Candidate]:
+    """Uniform ratios on a grid (at every trained depth when depth varies), seeded non-uniform
+    shapes inside the trained range, and the smallest shape; duplicates removed."""
+    if not 0 < gamma_step < 1:
+        raise ValueError(f"search.gamma_step={gamma_step} must be in (0, 1)")
+    if not 0 <= max_gamma < 1:
+        raise ValueError(f"search.max_gamma={max_gamma} must be in [0, 1)")
+    gammas = [
+        round(i * gamma_step, 6) for i in range(int(math.floor(max_gamma / gamma_step + 1e-9)) + 1)
+    ]
+    depths: list[int | None] = [None]
+    depths += sorted({int(d) for d in net.spec.depth_choices if 0 < int(d)})
+    raw: list[tuple[str, Shape, float]] = []
+    for d in depths:
+        for g in gammas:
+            label = f"g{g:g}" if d is None else f"g{g:g}-d{d}"
+            raw.append((label, net.shape_for_gamma(g, depth=d), g))
+    if n_random > 0:
+        depth_varies = bool(net.spec.depth_choices)
+        for i, h in enumerate(random_shapes(net, int(n_random), seed=seed, depth=depth_varies)):
+            raw.append((f"rand{i}", h, net.gamma_of(h)))
+    small = smallest_shape(net)
+    raw.append(("min", small, net.gamma_of(small)))
+    seen_keys: set[str] = set()
+    out = []
+    for label, h, g in raw:
+        key = json.dumps(h)
+        if key in seen_keys:
+            continue
+        seen_keys.add(key)
+        out.append(Candidate(label, h, float(g), is_seen(net, h)))
+    return out
+
+
+def _fmt_cost(metric: str, value: float) -> str:
+    if metric == "latency_ms":
+        return f"{value:.3f} ms"
+    return f"{int(value):,} {'params' if metric == 'params' else 'FLOPs'}"
+
+
+def select_for_budget(
+    module,
+    candidates: list[Candidate],
+    budget: Budget,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    k: int | None = None,
+    seed: int = 0,
+    log: Callable[[str], None] | None = None,
+) -> tuple[Candidate, list[Candidate]]:
+    """Score ``candidates`` against ``budget`` and return ``(best, candidates)``.
+
+    Every candidate gets its parameters and FLOPs; latency is measured only for those within the
+    parameter/FLOP limits; accuracy (on ``batches``, EMA + K-sample emission) only for those
+    within the whole budget. The best is the most accurate (ties: fewer FLOPs, then parameters).
+    """
+    if not budget.active:
+        raise ValueError(
+            "the budget sets no limit: give budget.max_params, max_flops or max_latency_ms"
+        )
+    net: MetaResNet = module.net
+    log = log or (lambda s: None)
+    batches = list(batches)
+    for c in candidates:
+        c.params = count_shape_params(net, c.hidden)
+        c.flops = shape_flops(net, c.hidden)
+        c.fails = []
+        if budget.max_params is not None and c.params > budget.max_params:
+            c.fails.append("params")
+        if budget.max_flops is not None and c.flops > budget.max_flops:
+            c.fails.append("flops")
+    cheap_ok = [c for c in candidates if not c.fails]
+    if budget.max_latency_ms is not None and cheap_ok:
+        log(f"  measuring CPU latency of {len(cheap_ok)} shapes within the parameter/FLOP limits")
+        for c in cheap_ok:
+            c.latency_ms = shape_latency_ms(
+                net, c.hidden, budget.batch_size, budget.threads, budget.latency_min_run_time
+            )
+            if c.latency_ms > budget.max_latency_ms:
+                c.fails.append("latency_ms")
+    within = [c for c in candidates if not c.fails]
+    if not within:
+        raise ValueError(_no_shape_message(candidates, budget))
+    log(
+        f"  evaluating {len(within)} shapes within budget on {sum(len(y) for _, y in batches)} images"
+    )
+    for c in within:
+        emitted = module.emit_eval(c.hidden, k=k, seed=seed)
+        c.acc = accuracy_at(net, emitted, c.hidden, batches)
+    best = max(within, key=lambda c: (c.acc, -c.flops, -c.params))
+    return best, candidates
+
+
+def _no_shape_message(candidates: list[Candidate], budget: Budget) -> str:
+    parts = []
+    limits = {
+        "params": budget.max_params,
+        "flops": budget.max_flops,
+        "latency_ms": budget.max_latency_ms,
+    }
+    for metric, limit in limits.items():
+        if limit is None:
+            continue
+        measured = [c for c in candidates if getattr(c, metric) is not None]
+        if not measured:
+            parts.append(f"{metric}: not measured (no shape is within the parameter/FLOP limits)")
+            continue
+        low = min(measured, key=lambda c: getattr(c, metric))
+        parts.append(
+            f"budget.max_{metric}={limit:,}: the smallest achievable is {_fmt_cost(metric, getattr(low, metric))} "
+            f"(shape {low.label} {json.dumps(low.hidden)})"
+        )
+    return (
+        f"no shape meets the budget ({budget.describe()}) among {len(candidates)} candidates; "
+        + "; ".join(parts)
+    )
+
+
+def val_batches(dm, split: str, n: int, seed: int = 0, batch_size: int | None = None, device=None):
+    """Normalised batches of a seeded ``n``-image subset of ``split`` (kept in memory)."""
+    if n is not None and int(n) < 1:
+        raise ValueError(f"val_subset={n} must be at least 1")
+    x, y = dm.subset(split, int(n), seed=seed) if n is not None else dm.split_tensors(split)
+    if len(y) == 0:
+        raise ValueError(
+            f"the {split} split is empty; choose another split or a larger data.val_size"
+        )
+    return list(dm.normalized_batches((x, y), batch_size=batch_size, device=device))
