@@ -19,11 +19,12 @@ Example (CPU, real data)::
         --slimmable outputs/models/slimmable_resnet20_cpu.ckpt \\
         --neumeta outputs/models/neumeta_resnet20_cpu.ckpt \\
         --pruning-csv outputs/tables/pruning_resnet20_ft_layer3.2.csv \\
-        --summary individual=outputs/runs/individual_resnet20_l1_g0.25/<time>/summary.json \\
+        --summary 'individual=outputs/runs/individual_resnet20_l1_g*/*/summary.json' \\
         --cost neumeta=90 --data-root ../shared/data/cifar10-jpeg
 
 Costs (the "cost" column, CPU minutes of training) come from ``--cost METHOD=MINUTES`` or from
-run summaries (``--summary METHOD=PATH[,PATH...]``: the ``time_s`` of each, summed). The last
+run summaries (``--summary METHOD=PATH[,PATH...]``, repeatable, globs expanded: the ``time_s``
+of each, summed). The last
 line of stdout is a one-line JSON summary.
 """
 
@@ -248,17 +249,29 @@ def pruning_curves(args, dm, base, out: Path) -> list[dict]:
 
 
 def costs(args) -> dict[str, float]:
-    out: dict[str, float] = {}
-    for m, paths in _kv(args.summary, "--summary").items():
-        total, found = 0.0, False
+    """CPU minutes per method: ``--cost`` wins over the summed ``time_s`` of ``--summary`` files
+    (``METHOD=PATH[,PATH...]``, repeatable, glob patterns expanded, each file counted once)."""
+    import glob
+
+    files: dict[str, list[str]] = {}
+    for item in args.summary or []:
+        if "=" not in item:
+            raise SystemExit(f"--summary: expected METHOD=PATH, got {item!r}")
+        m, paths = item.split("=", 1)
         for p in paths.split(","):
+            for f in sorted(glob.glob(p.strip())) or [p.strip()]:
+                if f not in files.setdefault(m.strip().lower(), []):
+                    files[m.strip().lower()].append(f)
+    out: dict[str, float] = {}
+    for m, paths in files.items():
+        times = []
+        for p in paths:
             if _exists(p):
-                s = json.loads(Path(p).read_text())
-                if s.get("time_s") is not None:
-                    total += float(s["time_s"]) / 60
-                    found = True
-        if found:
-            out[m.lower()] = total
+                t = json.loads(Path(p).read_text()).get("time_s")
+                if t is not None:
+                    times.append(float(t) / 60)
+        if times:
+            out[m] = sum(times)
     for m, v in _kv(args.cost, "--cost").items():
         out[m.lower()] = float(v)
     return out
@@ -395,7 +408,13 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--test-subset", type=int, default=None)
     ap.add_argument("--batch-size", type=int, default=1000)
     ap.add_argument("--cost", nargs="*", default=[], metavar="METHOD=MINUTES")
-    ap.add_argument("--summary", nargs="*", default=[], metavar="METHOD=PATH[,PATH]")
+    ap.add_argument(
+        "--summary",
+        nargs="*",
+        default=[],
+        metavar="METHOD=PATH[,PATH]",
+        help="run summaries (globs ok)",
+    )
     ap.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "1")))
     ap.add_argument("--out", default=str(REPO / "outputs" / "tables" / "neumeta_table2"))
     a = ap.parse_args(argv)

@@ -42,7 +42,7 @@ def build_scheduler(
             pct_start=cfg.pct_start,
             div_factor=cfg.div_factor,
             final_div_factor=cfg.final_div_factor,
-            cycle_momentum=isinstance(opt, torch.optim.SGD),
+            cycle_momentum=isinstance(opt, torch.optim.SGD) and opt.defaults.get("momentum", 0) > 0,
         )
     elif cfg.name in ("cosine", "warmup_cosine"):
         warmup = int(cfg.warmup_epochs * steps_per_epoch)

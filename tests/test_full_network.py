@@ -1,0 +1,173 @@
+"""Full-network metamorphosis: block schedule, INR initialisation, freezing, anchored variant."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import metamorph
+from metamorph.hypernet.inr import INRConfig
+from metamorph.hypernet.metanet import MetaResNet, MetaSpec
+from metamorph.hypernet.sampling import SamplingConfig
+from metamorph.models import fold_batchnorm
+from metamorph.tasks.metamorph import MetamorphConfig, MetamorphModule, ScheduleConfig
+from metamorph.tasks.metamorph_train import prepare_base
+
+torch.set_num_threads(1)
+TINY = INRConfig(hidden=16, layers=2, freqs=4)
+
+
+def _randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.bias.data.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+    return model.eval()
+
+
+@pytest.fixture()
+def folded():
+    torch.manual_seed(0)
+    return fold_batchnorm(_randomize_bn(metamorph.create_model("resnet20")))
+
+
+def _module(net: MetaResNet, schedule: ScheduleConfig) -> MetamorphModule:
+    cfg = MetamorphConfig(
+        spec=net.spec,
+        inr=TINY,
+        sampling=SamplingConfig(full_width_every=0),
+        schedule=schedule,
+        coord_noise=0.0,
+        ema_decay=0.9,
+    )
+    return MetamorphModule(net, cfg)
+
+
+ORDER = ["layer3.0", "layer3.1", "layer3.2"]
+
+
+def test_schedule_activates_blocks_in_order_and_copies_heads(folded):
+    net = MetaResNet(folded, MetaSpec(blocks=ORDER), TINY)
+    mod = _module(net, ScheduleConfig(enabled=True, order=ORDER, epochs_per_block=2, init="copy"))
+    assert net.meta_blocks == ["layer3.0"]
+    # an inactive metamorphic block must stay at full width
+    shape = net.full_shape
+    shape[2][1] = 40
+    with pytest.raises(ValueError, match="not metamorphic"):
+        net.check_shape(shape)
+    assert mod.apply_schedule(1) == ["layer3.0"]
+    with torch.no_grad():  # train block 0's heads a little so a copy is distinguishable
+        for p in net.inr.head("layer3.0.conv2.weight").parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    active = mod.apply_schedule(2)
+    assert active == ["layer3.0", "layer3.1"]
+    # layer3.1 has the same tensor shapes as layer3.0's conv2 -> the copy emits the same values
+    e = net.emit(net.full_shape)
+    torch.testing.assert_close(e["layer3.1.conv2.weight"], e["layer3.0.conv2.weight"], atol=1e-5, rtol=0)
+    # EMA shadow heads are copied too
+    torch.testing.assert_close(
+        mod.ema.shadow.head("layer3.1.conv2.weight").out.weight,
+        mod.ema.shadow.head("layer3.0.conv2.weight").out.weight,
+    )
+    # idempotent: re-applying (as after a resume) does not re-copy trained heads
+    with torch.no_grad():
+        net.inr.head("layer3.1.conv2.weight").out.bias.add_(1.0)
+    before = net.emit(net.full_shape)["layer3.1.conv2.weight"].clone()
+    mod.apply_schedule(3)
+    assert torch.equal(before, net.emit(net.full_shape)["layer3.1.conv2.weight"])
+    assert mod.apply_schedule(10) == ORDER
+
+
+def test_random_init_leaves_new_heads_untouched(folded):
+    net = MetaResNet(folded, MetaSpec(blocks=ORDER), TINY)
+    mod = _module(net, ScheduleConfig(enabled=True, order=ORDER, epochs_per_block=1, init="random"))
+    before = {k: v.clone() for k, v in net.inr.head("layer3.1.conv1.weight").state_dict().items()}
+    mod.apply_schedule(1)
+    after = net.inr.head("layer3.1.conv1.weight").state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_frozen_earlier_heads_keep_their_emission(folded):
+    net = MetaResNet(folded, MetaSpec(blocks=ORDER), TINY)
+    sched = ScheduleConfig(enabled=True, order=ORDER, epochs_per_block=1, freeze_earlier=True)
+    mod = _module(net, sched)
+    mod.apply_schedule(1)  # layer3.0 frozen, layer3.1 trainable
+    assert not any(p.requires_grad for p in net.inr.head("layer3.0.conv1.weight").parameters())
+    assert all(p.requires_grad for p in net.inr.head("layer3.1.conv1.weight").parameters())
+    frozen_before = net.emit(net.full_shape)["layer3.0.conv1.weight"].clone()
+    live_before = net.emit(net.full_shape)["layer3.1.conv1.weight"].clone()
+    opt = torch.optim.AdamW(mod.trainable_parameters(), lr=1e-2)
+    x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
+    for _ in range(3):
+        hidden = net.shape_for_gamma(0.25)
+        loss = nn.functional.cross_entropy(net(x, hidden), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    after = net.emit(net.full_shape)
+    assert torch.equal(frozen_before, after["layer3.0.conv1.weight"])
+    assert not torch.equal(live_before, after["layer3.1.conv1.weight"])
+
+
+def test_block_activity_survives_a_state_dict_round_trip(folded):
+    net = MetaResNet(folded, MetaSpec(blocks=ORDER), TINY)
+    mod = _module(net, ScheduleConfig(enabled=True, order=ORDER, epochs_per_block=1))
+    mod.apply_schedule(1)
+    state = mod.state_dict()
+    net2 = MetaResNet(folded, MetaSpec(blocks=ORDER), TINY)
+    mod2 = _module(net2, ScheduleConfig(enabled=True, order=ORDER, epochs_per_block=1))
+    assert net2.meta_blocks == ["layer3.0"]
+    mod2.load_state_dict(state)
+    assert net2.meta_blocks == ["layer3.0", "layer3.1"]
+
+
+def test_schedule_rejects_unknown_blocks(folded):
+    net = MetaResNet(folded, MetaSpec(blocks=ORDER), TINY)
+    with pytest.raises(ValueError, match="outside the scope"):
+        _module(net, ScheduleConfig(enabled=True, order=["layer3.0", "layer2.0"]))
+
+
+def test_importance_order_preserves_function_and_sorts_channels():
+    torch.manual_seed(1)
+    model = _randomize_bn(metamorph.create_model("resnet20"), seed=3)
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        ref = model(x)
+    prepared, report = prepare_base(model, True, True, 0.05, "importance")
+    with torch.no_grad():
+        out = prepared(x)
+    assert ((out - ref).norm() / ref.norm()).item() < 1e-5
+    assert "tv_importance_order" in report
+    for s in range(3):
+        for b in range(3):
+            w = prepared.state_dict()[f"layer{s + 1}.{b}.conv1.weight"]
+            n = w.abs().flatten(1).sum(1)
+            assert bool((n[:-1] >= n[1:]).all())
+    with pytest.raises(ValueError, match="hidden_order"):
+        prepare_base(model, True, False, 0.05, "sorted")
+
+
+def test_anchored_variant_starts_from_the_prepared_network(folded):
+    net = MetaResNet(folded, MetaSpec(blocks=["all"], anchor=True), TINY)
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        ref = folded(x)
+        out = net(x, net.full_shape)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    # below full width the anchor is the first d channels; above it, zero padding
+    hidden = net.shape_for_gamma(0.0)
+    hidden[2][1] = 80
+    hidden[1][0] = 20
+    e = net.emit(hidden)
+    base = folded.state_dict()
+    assert torch.equal(e["layer2.0.conv1.weight"], base["layer2.0.conv1.weight"][:20])
+    assert torch.equal(e["layer3.1.conv2.weight"][:, :64], base["layer3.1.conv2.weight"])
+    assert torch.equal(e["layer3.1.conv2.weight"][:, 64:], torch.zeros(64, 16, 3, 3))
+    # the INR's correction is trainable: gradients reach the heads
+    loss = net(x, net.shape_for_gamma(0.5)).sum()
+    loss.backward()
+    assert net.inr.head("layer3.2.conv1.weight").out.weight.grad.abs().sum() > 0
