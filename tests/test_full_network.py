@@ -67,7 +67,9 @@ def test_schedule_activates_blocks_in_order_and_copies_heads(folded):
     assert active == ["layer3.0", "layer3.1"]
     # layer3.1 has the same tensor shapes as layer3.0's conv2 -> the copy emits the same values
     e = net.emit(net.full_shape)
-    torch.testing.assert_close(e["layer3.1.conv2.weight"], e["layer3.0.conv2.weight"], atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        e["layer3.1.conv2.weight"], e["layer3.0.conv2.weight"], atol=1e-5, rtol=0
+    )
     # EMA shadow heads are copied too
     torch.testing.assert_close(
         mod.ema.shadow.head("layer3.1.conv2.weight").out.weight,
@@ -171,3 +173,41 @@ def test_anchored_variant_starts_from_the_prepared_network(folded):
     loss = net(x, net.shape_for_gamma(0.5)).sum()
     loss.backward()
     assert net.inr.head("layer3.2.conv1.weight").out.weight.grad.abs().sum() > 0
+
+
+def test_ratio_sweep_val_subset_is_seeded_and_test_uses_the_whole_split(folded, tmp_path):
+    """Splits are stored class by class: a sweep must not evaluate only the first batches."""
+    from types import SimpleNamespace
+
+    from metamorph.callbacks.ratio_sweep import RatioSweep
+
+    net = MetaResNet(folded, MetaSpec(blocks=["layer3.2"]), TINY)
+    mod = _module(net, ScheduleConfig())
+    mod.log = lambda *a, **k: None
+    seen = []
+
+    class DM:
+        eval_batch_size = 4
+        x = torch.randn(40, 3, 32, 32)
+        y = torch.arange(10).repeat_interleave(4)  # class-ordered, like the real splits
+
+        def subset(self, split, n, seed=0):
+            perm = torch.randperm(40, generator=torch.Generator().manual_seed(seed))[:n]
+            return self.x[perm], self.y[perm]
+
+        def normalized_batches(self, data, device=None):
+            x, y = (self.x, self.y) if isinstance(data, str) else data
+            seen.append(y.clone())
+            yield x, y
+
+    trainer = SimpleNamespace(
+        datamodule=DM(), default_root_dir=str(tmp_path), loggers=[], current_epoch=0
+    )
+    cb = RatioSweep(gammas=[0.0], max_batches=2)
+    cb.run(trainer, mod, "val")
+    assert len(seen[-1]) == 8 and len(set(seen[-1].tolist())) > 2  # seeded, mixed classes
+    cb.run(trainer, mod, "test")
+    assert torch.equal(seen[-1], DM.y)  # whole split
+    assert (tmp_path / "sweep" / "test.csv").is_file() and (
+        tmp_path / "sweep" / "test.png"
+    ).is_file()

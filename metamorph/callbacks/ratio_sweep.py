@@ -84,6 +84,8 @@ class RatioSweep(L.Callback):
 
     Logs ``{stage}/acc@<label>`` metrics (e.g. ``val/acc@g0.25``), writes a CSV and a PNG plot
     to ``<run dir>/sweep/`` and sends the table to loggers that accept tables (wandb).
+    ``k`` and ``max_batches`` (a seeded subset of ``max_batches`` evaluation batches) apply to
+    validation sweeps only; the test sweep uses the whole test split and the module's ``eval_k``.
     """
 
     def __init__(
@@ -120,11 +122,16 @@ class RatioSweep(L.Callback):
         pts = self.points(module)
         was_training = module.training
         module.eval()
+        # Validation sweeps may use a seeded, class-balanced-in-expectation subset (the splits are
+        # stored class by class, so the first batches would hold one or two classes only) and
+        # their own K; the test sweep always uses the whole test split and the module's eval K.
+        data = split
+        if stage == "val" and self.max_batches is not None:
+            data = dm.subset(split, self.max_batches * dm.eval_batch_size, seed=0)
+        k = self.k if stage == "val" else None
         for p in pts:
-            emitted = module.emit_eval(p.hidden, k=self.k)
-            batches = dm.normalized_batches(split, device=module.device)
-            if self.max_batches is not None:
-                batches = (b for i, b in zip(range(self.max_batches), batches))
+            emitted = module.emit_eval(p.hidden, k=k)
+            batches = dm.normalized_batches(data, device=module.device)
             p.acc = accuracy_at(module.net, emitted, p.hidden, batches)
             p.params = count_shape_params(module.net, p.hidden)
         module.train(was_training)

@@ -200,7 +200,9 @@ def load_metamorph_checkpoint(path: str | Path, map_location: str = "cpu") -> Me
     base = CifarResNet(ResNetArch.from_dict(dict(hp["base_arch"])))
     net = MetaResNet(base, mcfg.spec, mcfg.inr, shared=mcfg.shared)
     module = MetamorphModule(net, mcfg, hparams=hp["config"])
-    missing, unexpected = module.load_state_dict(ckpt["state_dict"], strict=False)
+    # the distillation teacher (task.loss.kd > 0) is a copy of the frozen base: not needed to emit
+    state = {k: v for k, v in ckpt["state_dict"].items() if not k.startswith("teacher.")}
+    missing, unexpected = module.load_state_dict(state, strict=False)
     # teacher.*: distillation teacher, not needed to emit; net.block_active: absent from
     # checkpoints written before block schedules existed (every scoped block is then active)
     missing = [m for m in missing if not m.startswith("teacher.") and m != "net.block_active"]
