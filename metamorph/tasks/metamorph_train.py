@@ -168,7 +168,7 @@ def run_metamorph(cfg: DictConfig) -> dict:
         summary["checkpoint"] = str(ckpt)
         if cfg.export_to:
             Path(cfg.export_to).parent.mkdir(parents=True, exist_ok=True)
-            trainer.save_checkpoint(str(cfg.export_to) + ".ckpt")
+            trainer.save_checkpoint(str(cfg.export_to) + ".ckpt", weights_only=False)
             summary["exported"] = str(cfg.export_to) + ".ckpt"
     summary["time_s"] = round(time.time() - t0, 1)
     return summary
