@@ -32,7 +32,7 @@ import hydra
 from omegaconf import DictConfig, open_dict
 
 from metamorph.baselines.pruning import NEEDS_DATA, prune_to_shape, resolve_blocks, shape_for_gamma
-from metamorph.cli.common import CONF_DIR, build_datamodule, load_any_model, print_summary
+from metamorph.cli.common import CONF_DIR, build_datamodule, load_any_model, report
 from metamorph.config.schema import typed
 
 
@@ -116,9 +116,7 @@ def run_individual(cfg: DictConfig) -> dict:
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
 def main(cfg: DictConfig) -> float | None:
     summary = run_individual(cfg)
-    for k, v in summary.items():
-        print(f"  {k:>14}: {v}")
-    print_summary(summary)
+    report(summary)
     return summary.get("val/acc")
 
 

@@ -97,6 +97,19 @@ def build_trainer(cfg: DictConfig, extra_callbacks: list | None = None) -> L.Tra
     )
 
 
+def callback_metric(trainer: L.Trainer, key: str) -> float | None:
+    """A logged metric of the last fit/test as a float, or ``None`` if it was not logged."""
+    v = trainer.callback_metrics.get(key)
+    return None if v is None else float(v)
+
+
+def report(summary: dict) -> None:
+    """Print a run summary: one readable line per figure, then the one-line JSON."""
+    for k, v in summary.items():
+        print(f"  {k:>14}: {v}")
+    print_summary(summary)
+
+
 def plain(cfg: DictConfig) -> dict:
     return OmegaConf.to_container(cfg, resolve=True)
 

@@ -16,17 +16,13 @@ from metamorph.cli.common import (
     build_datamodule,
     build_model,
     build_trainer,
+    callback_metric,
     plain,
-    print_summary,
+    report,
 )
 from metamorph.config.schema import OptimConfig, SchedulerConfig, typed
 from metamorph.io.model_file import save_model
 from metamorph.utils.profile import count_params
-
-
-def _metric(trainer: L.Trainer, key: str) -> float | None:
-    v = trainer.callback_metrics.get(key)
-    return None if v is None else float(v)
 
 
 def run_pretrain(cfg: DictConfig) -> dict:
@@ -54,11 +50,11 @@ def run_pretrain(cfg: DictConfig) -> dict:
     summary: dict = {"task": "pretrain", "model": cfg.model.name, "output_dir": str(out_dir)}
     if cfg.train:
         trainer.fit(module, datamodule=dm, ckpt_path=cfg.ckpt_path, weights_only=True)
-        summary["val/acc"] = _metric(trainer, "val/acc")
+        summary["val/acc"] = callback_metric(trainer, "val/acc")
         summary["global_step"] = trainer.global_step
     if cfg.test:
         trainer.test(module, datamodule=dm, verbose=False, weights_only=True)
-        summary["test/acc"] = _metric(trainer, "test/acc")
+        summary["test/acc"] = callback_metric(trainer, "test/acc")
     if trainer.is_global_zero and not trainer.fast_dev_run:
         net = module.net.eval().cpu()
         meta = {
@@ -98,9 +94,7 @@ def run(cfg: DictConfig) -> dict:
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
 def main(cfg: DictConfig) -> float | None:
     summary = run(cfg)
-    for k, v in summary.items():
-        print(f"  {k:>14}: {v}")
-    print_summary(summary)
+    report(summary)
     metric = summary.get(cfg.get("optimized_metric") or "val/acc")
     return metric
 

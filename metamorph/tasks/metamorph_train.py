@@ -11,7 +11,13 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from metamorph.callbacks.ratio_sweep import RatioSweep
-from metamorph.cli.common import build_datamodule, build_trainer, load_any_model, plain
+from metamorph.cli.common import (
+    build_datamodule,
+    build_trainer,
+    callback_metric,
+    load_any_model,
+    plain,
+)
 from metamorph.config.schema import OptimConfig, SchedulerConfig, typed
 from metamorph.hypernet.inr import INRConfig
 from metamorph.hypernet.metanet import MetaResNet, MetaSpec
@@ -151,11 +157,11 @@ def run_metamorph(cfg: DictConfig) -> dict:
     }
     if cfg.train:
         trainer.fit(module, datamodule=dm, ckpt_path=cfg.ckpt_path, weights_only=True)
-        summary["val/acc"] = _metric(trainer, "val/acc")
+        summary["val/acc"] = callback_metric(trainer, "val/acc")
         summary["global_step"] = trainer.global_step
     if cfg.test:
         trainer.test(module, datamodule=dm, verbose=False, weights_only=True)
-        summary["test/acc"] = _metric(trainer, "test/acc")
+        summary["test/acc"] = callback_metric(trainer, "test/acc")
         summary["test_sweep"] = {pt.label: round(pt.acc, 2) for pt in sweep.last}
         if trainer.is_global_zero:
             print(
@@ -172,11 +178,6 @@ def run_metamorph(cfg: DictConfig) -> dict:
             summary["exported"] = str(cfg.export_to) + ".ckpt"
     summary["time_s"] = round(time.time() - t0, 1)
     return summary
-
-
-def _metric(trainer: L.Trainer, key: str) -> float | None:
-    v = trainer.callback_metrics.get(key)
-    return None if v is None else float(v)
 
 
 def load_metamorph_checkpoint(path: str | Path, map_location: str = "cpu") -> MetamorphModule:

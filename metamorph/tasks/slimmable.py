@@ -208,14 +208,15 @@ class SlimmableModule(L.LightningModule):
         return opt if sched is None else {"optimizer": opt, "lr_scheduler": sched}
 
 
-def _metric(trainer: L.Trainer, key: str) -> float | None:
-    v = trainer.callback_metrics.get(key)
-    return None if v is None else float(v)
-
-
 def run_slimmable(cfg: DictConfig) -> dict:
     """Train, recalibrate, test and export; returns the run summary (also ``summary.json``)."""
-    from metamorph.cli.common import build_datamodule, build_model, build_trainer, plain
+    from metamorph.cli.common import (
+        build_datamodule,
+        build_model,
+        build_trainer,
+        callback_metric,
+        plain,
+    )
     from metamorph.io.model_file import save_model
     from metamorph.utils.profile import count_params
 
@@ -250,7 +251,7 @@ def run_slimmable(cfg: DictConfig) -> dict:
         t_fit = time.time()
         trainer.fit(module, datamodule=dm, ckpt_path=cfg.ckpt_path, weights_only=True)
         summary["train_time_s"] = round(time.time() - t_fit, 1)
-        summary["val/acc"] = _metric(trainer, "val/acc")
+        summary["val/acc"] = callback_metric(trainer, "val/acc")
         summary["global_step"] = trainer.global_step
     module = module.to(trainer.strategy.root_device)
     t_cal = time.time()
@@ -260,10 +261,10 @@ def run_slimmable(cfg: DictConfig) -> dict:
     summary["calib_time_s"] = round(time.time() - t_cal, 1)
     if cfg.test:
         trainer.test(module, datamodule=dm, verbose=False, weights_only=True)
-        summary["test/acc"] = _metric(trainer, "test/acc")
+        summary["test/acc"] = callback_metric(trainer, "test/acc")
         summary["test_sweep"] = {}  # accuracy (%) per compression ratio
         for lb in module.labels:
-            acc = _metric(trainer, f"test/acc@{lb}")
+            acc = callback_metric(trainer, f"test/acc@{lb}")
             summary["test_sweep"][lb] = None if acc is None else round(100 * acc, 2)
         if trainer.is_global_zero:
             print("\nTest accuracy of the slimmable network (BN recalibrated per width):")
