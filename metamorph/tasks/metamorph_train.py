@@ -7,7 +7,6 @@ import time
 from pathlib import Path
 
 import lightning as L
-import torch
 from omegaconf import DictConfig, OmegaConf
 
 from metamorph.callbacks.ratio_sweep import RatioSweep
@@ -182,18 +181,9 @@ def run_metamorph(cfg: DictConfig) -> dict:
 
 def load_metamorph_checkpoint(path: str | Path, map_location: str = "cpu") -> MetamorphModule:
     """Rebuild a trained :class:`MetamorphModule` from its checkpoint with ``weights_only=True``."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"metamorphic checkpoint {path} not found")
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # noqa: BLE001
-        raise ValueError(f"{path} is truncated, corrupt or not a checkpoint: {e}") from e
-    hp = ckpt.get("hyper_parameters", {}) if isinstance(ckpt, dict) else {}
-    if "metamorph" not in hp or "base_arch" not in hp:
-        raise ValueError(
-            f"{path} is not a metamorphic checkpoint (trained with task=metamorph); got a different kind"
-        )
+    from metamorph.utils.checkpoint_io import load_task_checkpoint
+
+    ckpt, hp = load_task_checkpoint(path, "metamorph", "metamorphic", map_location)
     cfg = OmegaConf.create(hp["config"])
     mcfg = metamorph_config(cfg)
     from metamorph.models.resnet_cifar import ResNetArch

@@ -306,16 +306,9 @@ def _sb(block: str) -> tuple[int, int]:
 def load_slimmable_checkpoint(path: str | Path, map_location: str = "cpu") -> SlimmableModule:
     """Rebuild a trained :class:`SlimmableModule` (with its per-width BN statistics) from its
     checkpoint, loaded with ``weights_only=True``."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"slimmable checkpoint {path} not found")
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # noqa: BLE001
-        raise ValueError(f"{path} is truncated, corrupt or not a checkpoint: {e}") from e
-    hp = ckpt.get("hyper_parameters", {}) if isinstance(ckpt, dict) else {}
-    if "slimmable" not in hp or "base_arch" not in hp:
-        raise ValueError(f"{path} is not a slimmable checkpoint (trained with task=slimmable)")
+    from metamorph.utils.checkpoint_io import load_task_checkpoint
+
+    ckpt, hp = load_task_checkpoint(path, "slimmable", "slimmable", map_location)
     scfg = SlimmableConfig(**hp["slimmable"])
     task = (hp.get("config") or {}).get("task", {}) or {}
     optim = typed(OptimConfig, task.get("optim"), "task.optim")
