@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import compose_config, randomize_bn
+from conftest import TINY_DATA, compose_config, randomize_bn
 
 import metamorph
 from metamorph.baselines.pruning import (
@@ -45,13 +45,8 @@ torch.set_num_threads(1)
 REPO = Path(__file__).resolve().parents[1]
 # 2 blocks per stage, stage widths 4/8/12: blocks layer1.0 ... layer3.1 (the last one plays layer3.2).
 LAST = "layer3.1"
-TINY_DATA = [
-    "data.root=embedded:cifar10-mini",
-    "data.train_subset=48",
-    "data.val_size=20",
-    "data.test_subset=20",
-    "data.batch_size=16",
-    "data.eval_batch_size=20",
+TINY_RUN = [
+    *TINY_DATA,
     "callbacks=none",
     "logger=none",
     "+trainer.enable_progress_bar=false",
@@ -379,7 +374,7 @@ def slim_run(workdir, base_file) -> dict:
         out,
         [
             "task=slimmable",
-            *TINY_DATA,
+            *TINY_RUN,
             f"model.init={base_file}",
             f"task.blocks=[{LAST}]",
             "task.reorder=l1",
@@ -431,7 +426,7 @@ def individual_run(workdir, base_file) -> dict:
         out,
         [
             "experiment=individual_resnet20_cifar10_cpu",
-            *TINY_DATA,
+            *TINY_RUN,
             *TINY_MODEL,
             f"individual.base={base_file}",
             f"individual.blocks=[{LAST}]",

@@ -349,21 +349,15 @@ def bench_memory(
 # ----------------------------------------------------------------------------------------------
 
 
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device=cuda but no CUDA device is available; use device=cpu")
-    return torch.device(name)
-
-
 def run(cfg: DictConfig, log=print) -> dict:
     t0 = time.time()
     threads = int(cfg.threads) if cfg.threads else torch.get_num_threads()
     if threads < 1:
         raise ValueError(f"threads={cfg.threads} must be at least 1")
     torch.set_num_threads(threads)
-    device = _device(str(cfg.device))
+    from metamorph.cli.common import resolve_device
+
+    device = resolve_device(str(cfg.device))
     inr = typed(INRConfig, cfg.hypernet, "hypernet")
     k_values = sorted({int(k) for k in cfg.k_values})
     if not k_values or min(k_values) < 1:

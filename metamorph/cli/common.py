@@ -97,6 +97,15 @@ def build_trainer(cfg: DictConfig, extra_callbacks: list | None = None) -> L.Tra
     )
 
 
+def resolve_device(name: str) -> torch.device:
+    """``auto`` picks CUDA when available; asking for CUDA without one is a clear error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device=cuda but no CUDA device is available; use device=cpu")
+    return torch.device(name)
+
+
 def callback_metric(trainer: L.Trainer, key: str) -> float | None:
     """A logged metric of the last fit/test as a float, or ``None`` if it was not logged."""
     v = trainer.callback_metrics.get(key)

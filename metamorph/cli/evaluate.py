@@ -16,14 +16,14 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
-from metamorph.cli.common import CONF_DIR, build_datamodule, load_any_model, print_summary
+from metamorph.cli.common import (
+    CONF_DIR,
+    build_datamodule,
+    load_any_model,
+    print_summary,
+    resolve_device,
+)
 from metamorph.utils.profile import count_flops, count_params, cpu_latency_ms
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def load_eval_model(path: str) -> nn.Module:

@@ -18,7 +18,7 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from metamorph.cli.common import CONF_DIR, build_datamodule, print_summary
+from metamorph.cli.common import CONF_DIR, build_datamodule, print_summary, resolve_device
 from metamorph.export.formats import (
     FORMATS,
     check_onnx,
@@ -48,14 +48,6 @@ USER_ERRORS = (
     NotADirectoryError,
     IsADirectoryError,
 )
-
-
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device=cuda but no CUDA device is available; use device=cpu")
-    return torch.device(name)
 
 
 def _out_prefix(out) -> Path:
@@ -122,7 +114,7 @@ def run(cfg: DictConfig, log=print) -> dict:
     summary: dict = {"ckpt": str(cfg.ckpt), "target": target, "k": k, "format": fmt}
     chosen = None
     if target == "budget":
-        device = _device(str(cfg.device))
+        device = resolve_device(str(cfg.device))
         module.to(device)
         dm = build_datamodule(
             cfg.data, mean=net.base_arch.mean, std=net.base_arch.std, seed=int(cfg.seed)
