@@ -7,6 +7,12 @@ The output is byte-identical across runs.
 
     python scripts/build_cifar10_mini.py --src ../shared/data/cifar10-jpeg \
         --out metamorph/data/embedded/cifar10-mini.bin
+
+With ``--per-class-train 0 --per-class-test 0`` it packs every image instead (all of CIFAR-10
+in ~55 MB, same image order as reading the folders), a file that ``data.root=`` accepts:
+
+    python scripts/build_cifar10_mini.py --src ../shared/data/cifar10-jpeg \
+        --out outputs/data/cifar10-full.bin --name cifar10-full --per-class-train 0 --per-class-test 0
 """
 
 from __future__ import annotations
@@ -32,7 +38,7 @@ def collect(src: Path, split: str, classes: list[str], n: int) -> tuple[list[byt
         files = sorted(p for p in (src / split / cls).iterdir() if p.is_file())
         if len(files) < n:
             sys.exit(f"{src / split / cls} has {len(files)} files, need {n}")
-        for p in files[:n]:
+        for p in files[:n] if n > 0 else files:
             _decode_image(p)  # fail early on unreadable / non-32x32 files
             blobs.append(p.read_bytes())
             labels.append(label)
@@ -45,14 +51,18 @@ def main() -> None:
     )
     ap.add_argument("--src", type=Path, required=True, help="cifar10-jpeg folder (train/, test/)")
     ap.add_argument("--out", type=Path, required=True, help="output .bin file")
+    ap.add_argument("--name", default="cifar10-mini", help="data set name in the header")
+    ap.add_argument("--per-class-train", type=int, default=PER_CLASS["train"], help="0: all")
+    ap.add_argument("--per-class-test", type=int, default=PER_CLASS["test"], help="0: all")
     args = ap.parse_args()
 
     classes = sorted(p.name for p in (args.src / "train").iterdir() if p.is_dir())
     if len(classes) != 10:
         sys.exit(f"expected 10 class folders in {args.src / 'train'}, found {len(classes)}")
-    splits = {s: collect(args.src, s, classes, n) for s, n in PER_CLASS.items()}
+    per_class = {"train": args.per_class_train, "test": args.per_class_test}
+    splits = {s: collect(args.src, s, classes, n) for s, n in per_class.items()}
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    data = write_embedded(args.out, "cifar10-mini", classes, splits)
+    data = write_embedded(args.out, args.name, classes, splits)
     print(f"wrote {args.out}: {len(data)} bytes, sha256 {hashlib.sha256(data).hexdigest()}")
 
     if args.out.resolve().parent == (REPO / "metamorph/data/embedded").resolve():

@@ -442,6 +442,35 @@ def test_embedded_format_roundtrip(tmp_path):
         embedded_mod._read(p1)
 
 
+def test_data_pack_as_root(tmp_path):
+    """A pack file passed as ``root`` loads like the image folders it was built from."""
+    rng = np.random.default_rng(1)
+    imgs = _rand_images(rng, 40)
+
+    def png(x):
+        buf = io.BytesIO()
+        Image.fromarray(x).save(buf, format="PNG")
+        return buf.getvalue()
+
+    labels = [i % 10 for i in range(40)]
+    splits = {
+        "train": ([png(x) for x in imgs[:30]], labels[:30]),
+        "test": ([png(x) for x in imgs[30:]], labels[30:]),
+    }
+    pack = tmp_path / "c10.bin"
+    embedded_mod.write_embedded(pack, "c10", C10, splits)
+    a = load_cifar(pack)
+    np.testing.assert_array_equal(a.train.images, imgs[:30])
+    np.testing.assert_array_equal(a.test.labels, labels[30:])
+    assert a.classes == C10
+    with pytest.raises(DataError, match="expected 100 classes for cifar100, found 10"):
+        load_cifar(pack, name="cifar100")
+    other = tmp_path / "notes.txt"
+    other.write_text("hello")
+    with pytest.raises(DataError, match="is a file but not a metamorph data pack"):
+        load_cifar(other)
+
+
 # ----------------------------------------------------------------------------------------------
 # Transforms
 # ----------------------------------------------------------------------------------------------

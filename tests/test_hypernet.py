@@ -504,6 +504,55 @@ def test_recon_warmup_steps_skip_the_classifier_loss():
     assert losses[-1] < losses[0]
 
 
+def test_post_warmup_optimizer_reset_and_lr_ramp(tmp_path):
+    """At the first classifier step Adam's state is cleared and the lr ramps up from 0."""
+    import lightning as L
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from metamorph.config.schema import OptimConfig, SchedulerConfig
+
+    module = tiny_module(
+        recon_warmup_steps=3,
+        reset_optimizer_after_warmup=True,
+        lr_ramp_steps=4,
+        optim=OptimConfig(name="adamw", lr=1e-2, weight_decay=0.0),
+        scheduler=SchedulerConfig(name="none"),
+    )
+    assert [module.lr_factor(s) for s in range(8)] == [1, 1, 1, 0.25, 0.5, 0.75, 1, 1]
+    module.cfg.post_warmup_lr_factor = 0.1
+    assert [module.lr_factor(s) for s in (2, 3, 6)] == pytest.approx([1, 0.025, 0.1])
+    module.cfg.post_warmup_lr_factor = 1.0
+    seen: list[tuple[int, int, float]] = []
+
+    class Probe(L.Callback):
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            steps = [float(st["step"]) for st in optimizer.state.values() if "step" in st]
+            seen.append(
+                (trainer.global_step, max(steps, default=0), optimizer.param_groups[0]["lr"])
+            )
+
+    data = TensorDataset(torch.randn(32, 3, 8, 8), torch.randint(0, 10, (32,)))
+    trainer = L.Trainer(
+        max_steps=6,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[Probe()],
+        default_root_dir=tmp_path,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+    )
+    trainer.fit(module, DataLoader(data, batch_size=4))
+    by_step = {g: (n, lr) for g, n, lr in seen}
+    assert by_step[2][0] == 2  # Adam has taken steps 0 and 1 (reconstruction only)
+    assert by_step[3][0] == 0  # cleared when the classifier loss starts at step 3
+    assert by_step[4][0] == 1
+    lrs = [by_step[g][1] for g in range(6)]
+    assert lrs == pytest.approx([1e-2, 1e-2, 1e-2, 2.5e-3, 5e-3, 7.5e-3])
+    assert module.trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(1e-2)
+
+
 # ----------------------------------------------------------------------------------------------
 # The shape sampler
 # ----------------------------------------------------------------------------------------------

@@ -263,6 +263,31 @@ def test_load_metamorph_checkpoint_reproduces_the_ema_emission(mm_run):
         assert torch.equal(loaded.net.base_tensor(name), t), name
 
 
+def test_strip_checkpoint_keeps_the_ema_emission(mm_run, tmp_path):
+    """scripts/strip_checkpoint.py: smaller file, no optimizer state, same EMA emission."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "strip_checkpoint", Path(__file__).resolve().parents[1] / "scripts" / "strip_checkpoint.py"
+    )
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    src, dst = mm_run["out"] / "metamorph.ckpt", tmp_path / "infer.ckpt"
+    report = mod.strip(src, dst)
+    assert report["ema_applied"] and dst.stat().st_size < src.stat().st_size
+    ckpt = torch.load(dst, weights_only=True)
+    assert "optimizer_states" not in ckpt
+    assert not any(k.startswith("ema.") for k in ckpt["state_dict"])
+    full, slim = load_metamorph_checkpoint(src), load_metamorph_checkpoint(dst)
+    assert slim.ema is None and full.ema is not None
+    net = full.net
+    for hidden in (net.full_shape, net.shape_for_gamma(0.5)):
+        a, b = full.emit_eval(hidden, k=3, seed=1), slim.emit_eval(hidden, k=3, seed=1)
+        assert all(torch.equal(a[n], b[n]) for n in a)
+    with pytest.raises(ValueError, match="not a metamorphic checkpoint"):
+        mod.strip(mm_run["out"] / "prepared.safetensors", tmp_path / "x.ckpt")
+
+
 def test_load_metamorph_checkpoint_errors(mm_run, base_run, tmp_path):
     with pytest.raises(ValueError, match="not a metamorphic checkpoint"):
         load_metamorph_checkpoint(base_run["out"] / "checkpoints" / "last.ckpt")

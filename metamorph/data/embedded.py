@@ -29,7 +29,15 @@ import numpy as np
 
 from .sources import IMAGE_SIZE, ArraySplit, CifarArrays, DataError
 
-__all__ = ["EMBEDDED_DIR", "available_embedded", "embedded_path", "load_embedded", "write_embedded"]
+__all__ = [
+    "EMBEDDED_DIR",
+    "available_embedded",
+    "embedded_path",
+    "is_pack_file",
+    "load_embedded",
+    "load_pack",
+    "write_embedded",
+]
 
 EMBEDDED_DIR = Path(__file__).with_name("embedded")
 MAGIC = b"MMEMBED1"
@@ -135,6 +143,25 @@ def _read(path: Path) -> CifarArrays:
     if offset != len(payload):
         raise DataError(f"{path}: {len(payload) - offset} trailing payload bytes (file corrupt)")
     return CifarArrays(train=out["train"], test=out["test"], classes=list(header["classes"]))
+
+
+def is_pack_file(path: str | Path) -> bool:
+    """Whether ``path`` is a file in this format (checks the magic bytes only)."""
+    p = Path(path)
+    if not p.is_file():
+        return False
+    with p.open("rb") as f:
+        return f.read(len(MAGIC)) == MAGIC
+
+
+def load_pack(path: str | Path) -> CifarArrays:
+    """Decode a data pack in this format from any path (``data.root=/path/to/file.bin``).
+
+    Packs carry a whole data set as its encoded images in one file (for example all of
+    CIFAR-10 as JPEG bytes, ~55 MB): handy for copying data to a cluster node or GPU box.
+    Build one with ``scripts/build_cifar10_mini.py --per-class-train 0 --per-class-test 0``.
+    """
+    return _read(Path(path))
 
 
 def load_embedded(name: str = "cifar10-mini") -> CifarArrays:

@@ -553,7 +553,8 @@ def load_cifar(
     """Load CIFAR-10/100 from ``root`` as uint8 HWC arrays (see the module docstring).
 
     Args:
-        root: data folder (python or image-folder layout) or ``"embedded:<name>"``.
+        root: data folder (python or image-folder layout), a data pack file (see
+            :func:`metamorph.data.embedded.load_pack`) or ``"embedded:<name>"``.
         name: ``"cifar10"`` or ``"cifar100"``; fixes the expected class count.
         download: fetch the official archive into ``root`` if it is not there yet.
         cache_dir: where decoded arrays are cached; default :func:`default_cache_dir`.
@@ -567,6 +568,18 @@ def load_cifar(
         return arrays
 
     root = Path(root).expanduser()
+    if root.is_file():
+        from .embedded import is_pack_file, load_pack
+
+        if not is_pack_file(root):
+            raise DataError(
+                f"data root {root} is a file but not a metamorph data pack (bad magic); pass a "
+                "folder (CIFAR python format or image folders) or a pack written by "
+                "scripts/build_cifar10_mini.py"
+            )
+        arrays = load_pack(root)
+        _check_class_count(arrays.classes, name, str(root))
+        return arrays
     if download and not (_python_dir(root, name) or _is_image_folder(root)):
         download_cifar(root, name)
     if not root.exists():

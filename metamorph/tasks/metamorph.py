@@ -28,6 +28,9 @@ class LossConfig:
     reg: float = 1e-4  # sum of L2 norms of the emitted tensors
     kd: float = 0.0  # distillation from the prepared full network
     kd_temperature: float = 4.0
+    # metamorph option (NeuMeta applies recon only on full-width steps): also fit the full-width
+    # emission on every step, whatever width the step samples (one extra emission per step)
+    recon_always: bool = False
 
 
 @dataclass
@@ -62,6 +65,16 @@ class MetamorphConfig:
     eval_k: int = 1
     shared: list[str] = field(default_factory=list)  # base tensors trained jointly (e.g. fc.weight)
     recon_warmup_steps: int = 0  # pure reconstruction steps before the first CE step
+    # After the warm-up the gradients grow by orders of magnitude while Adam's second-moment
+    # estimate still holds the tiny reconstruction gradients, so the first classifier steps are
+    # far larger than lr and undo the warm-up. Options: clear the optimizer state when the
+    # classifier loss starts, and ramp the learning rate linearly from 0 over ``lr_ramp_steps``.
+    reset_optimizer_after_warmup: bool = False
+    lr_ramp_steps: int = 0
+    # Multiplier of the scheduled lr once the classifier loss is on. Adam's sign-like first
+    # steps at lr 1e-3 move every INR parameter at once and kill the emitted block's ReLUs
+    # (measured: accuracy collapses to the same ~70% at every width); ~1e-4 does not.
+    post_warmup_lr_factor: float = 1.0
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     seed: int = 0
 
@@ -241,7 +254,7 @@ class MetamorphModule(L.LightningModule):
                     log_target=True,
                 )
                 losses["kd"] = cfg.loss.kd * kd * T * T
-        if (full or warm) and cfg.loss.recon > 0:
+        if (full or warm or cfg.loss.recon_always) and cfg.loss.recon > 0:
             if not full:
                 emitted = self.net.emit(
                     self.net.full_shape, noise=cfg.coord_noise, generator=g, quirk=cfg.noise_quirk
@@ -259,6 +272,38 @@ class MetamorphModule(L.LightningModule):
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/gamma", self.net.gamma_of(hidden), on_step=True, on_epoch=False)
         return loss
+
+    def on_train_batch_start(self, batch, batch_idx) -> None:
+        cfg = self.cfg
+        if (
+            cfg.reset_optimizer_after_warmup
+            and cfg.recon_warmup_steps > 0
+            and self.global_step == cfg.recon_warmup_steps
+        ):
+            for opt in self.trainer.optimizers:
+                opt.state.clear()
+
+    def lr_factor(self, step: int) -> float:
+        """Multiplier of the scheduled learning rate at ``step`` (the post-warm-up ramp)."""
+        n, w = self.cfg.lr_ramp_steps, self.cfg.recon_warmup_steps
+        if step < w:
+            return 1.0
+        f = self.cfg.post_warmup_lr_factor
+        return f if n <= 0 else f * min(1.0, (step - w + 1) / n)
+
+    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:
+        f = self.lr_factor(self.global_step)
+        if f == 1.0:
+            return super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        groups = optimizer.param_groups
+        saved = [g["lr"] for g in groups]
+        for g in groups:
+            g["lr"] = g["lr"] * f
+        try:
+            super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        finally:  # the scheduler keeps owning the un-ramped value
+            for g, lr in zip(groups, saved):
+                g["lr"] = lr
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         if self.ema is not None:

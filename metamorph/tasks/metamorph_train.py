@@ -43,6 +43,9 @@ def metamorph_config(cfg: DictConfig) -> MetamorphConfig:
         "eval_k",
         "shared",
         "recon_warmup_steps",
+        "reset_optimizer_after_warmup",
+        "lr_ramp_steps",
+        "post_warmup_lr_factor",
         "optim",
         "scheduler",
         "sweep",
@@ -66,6 +69,9 @@ def metamorph_config(cfg: DictConfig) -> MetamorphConfig:
         eval_k=int(t.eval_k),
         shared=list(t.shared),
         recon_warmup_steps=int(t.recon_warmup_steps),
+        reset_optimizer_after_warmup=bool(t.get("reset_optimizer_after_warmup", False)),
+        lr_ramp_steps=int(t.get("lr_ramp_steps", 0)),
+        post_warmup_lr_factor=float(t.get("post_warmup_lr_factor", 1.0)),
         schedule=typed(ScheduleConfig, t.get("schedule"), "task.schedule"),
         seed=int(cfg.seed),
     )
@@ -155,9 +161,13 @@ def run_metamorph(cfg: DictConfig) -> dict:
         **prep_report,
     }
     if cfg.train:
+        t_fit, step0 = time.time(), trainer.global_step
         trainer.fit(module, datamodule=dm, ckpt_path=cfg.ckpt_path, weights_only=True)
+        fit_s = time.time() - t_fit
         summary["val/acc"] = callback_metric(trainer, "val/acc")
         summary["global_step"] = trainer.global_step
+        summary["fit_s"] = round(fit_s, 1)
+        summary["steps_per_s"] = round((trainer.global_step - step0) / max(fit_s, 1e-9), 2)
     if cfg.test:
         trainer.test(module, datamodule=dm, verbose=False, weights_only=True)
         summary["test/acc"] = callback_metric(trainer, "test/acc")
