@@ -211,3 +211,81 @@ def test_ratio_sweep_val_subset_is_seeded_and_test_uses_the_whole_split(folded, 
     assert (tmp_path / "sweep" / "test.csv").is_file() and (
         tmp_path / "sweep" / "test.png"
     ).is_file()
+
+
+# ----------------------------------------------------------------------------------------------
+# BN strategies (per-block variants)
+# ----------------------------------------------------------------------------------------------
+
+
+def test_per_block_variants_build_and_round_trip():
+    from metamorph.models.resnet_cifar import CifarResNet, ResNetArch
+
+    arch = ResNetArch(block_variants={"layer2.1": "skipinit", "layer3.0": "learnable_shortcut"})
+    net = CifarResNet(arch)
+    assert hasattr(net.layer2[1], "alpha") and not hasattr(net.layer2[0], "alpha")
+    assert hasattr(net.layer3[0], "shortcut_scale") and net.layer1[0].variant == "standard"
+    assert ResNetArch.from_dict(arch.to_dict()) == arch
+    assert net(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+    with pytest.raises(ValueError, match="unknown block variant 'bn'"):
+        ResNetArch(block_variants={"layer1.0": "bn"})
+    with pytest.raises(ValueError, match="not a block name like 'layer3.1'"):
+        ResNetArch(block_variants={"stage1": "skipinit"})
+    with pytest.raises(ValueError, match="there are 3 stages"):
+        ResNetArch(block_variants={"layer4.0": "skipinit"})
+
+
+def test_skipinit_strategy_starts_as_identity_and_alpha_is_shared(folded):
+    from metamorph.tasks.metamorph_train import apply_bn_strategy
+
+    blocks = ["layer3.1", "layer3.2"]
+    skip = apply_bn_strategy(folded, blocks, "skipinit")
+    assert (
+        skip.arch.variant_of("layer3.2") == "skipinit"
+        and skip.arch.variant_of("layer3.0") == "standard"
+    )
+    assert skip.layer3[2].alpha.item() == 0.0
+    # alpha = 0: the two blocks are identities, i.e. the network with stage 3 cut to one block
+    shallow_arch = type(folded.arch).from_dict(folded.arch.to_dict())
+    shallow_arch.hidden = [list(h) for h in folded.arch.hidden[:2]] + [folded.arch.hidden[2][:1]]
+    shallow = type(folded)(shallow_arch)
+    shallow.load_state_dict(
+        {k: v for k, v in folded.state_dict().items() if not k.startswith(("layer3.1", "layer3.2"))}
+    )
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(skip(x), shallow.eval()(x))
+    net = MetaResNet(skip, MetaSpec(blocks=blocks), TINY)
+    assert set(net.shared.keys()) == {"layer3__1__alpha", "layer3__2__alpha"}
+    # the shared alpha receives gradients through the emitted network
+    shape = net.full_shape
+    shape[2][2] = 40
+    net.shared["layer3__2__alpha"].data.fill_(0.5)
+    net(x, shape).sum().backward()
+    assert net.shared["layer3__2__alpha"].grad is not None
+    assert net.shared["layer3__2__alpha"].grad.abs() > 0
+    for b in ("scaled_shortcut", "learnable_shortcut"):
+        out = apply_bn_strategy(folded, blocks, b)
+        assert out.layer3[1].variant == b and out.layer2[2].variant == "standard"
+    assert apply_bn_strategy(folded, blocks, "fold") is folded
+    with pytest.raises(ValueError, match="keeping BN inside metamorphic blocks is not supported"):
+        apply_bn_strategy(folded, blocks, "keep_bn")
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_random_shapes_run_with_declared_shapes_and_no_bn(folded, seed):
+    net = MetaResNet(folded, MetaSpec(blocks=["all"], depth_choices=[1, 2, 3]), TINY)
+    g = torch.Generator().manual_seed(seed)
+    depth = [int(torch.randint(1, 4, (), generator=g)) for _ in range(3)]
+    shape = [
+        [int(torch.randint(1, 2 * w + 1, (), generator=g)) for _ in range(d)]
+        for w, d in zip(folded.arch.stage_widths, depth)
+    ]
+    emitted = net.emit(shape)
+    model = net.template(shape)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    for s, row in enumerate(shape):
+        for b, h in enumerate(row):
+            assert emitted[f"layer{s + 1}.{b}.conv1.weight"].shape[0] == h
+            assert emitted[f"layer{s + 1}.{b}.conv2.weight"].shape[1] == h
+    assert net(torch.randn(2, 3, 32, 32), shape, emitted).shape == (2, 10)

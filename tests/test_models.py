@@ -224,7 +224,8 @@ def test_arch_dict_is_plain_json():
     d = cifar_resnet_arch(depth=20, hidden_width=3).to_dict()
     assert json.loads(json.dumps(d)) == d
     assert set(d) == {
-        "stage_widths", "hidden", "num_classes", "in_channels", "shortcut", "bn", "block_variant", "mean", "std",
+        "stage_widths", "hidden", "num_classes", "in_channels", "shortcut", "bn", "block_variant",
+        "block_variants", "mean", "std",
     }  # fmt: skip
 
 

@@ -21,6 +21,7 @@ from metamorph.models.resnet_cifar import CifarResNet, ResNetArch
 
 Shape = list[list[int]]
 BLOCK_TENSORS = ("conv1.weight", "conv1.bias", "conv2.weight", "conv2.bias")
+VARIANT_SCALARS = {"skipinit": "alpha", "learnable_shortcut": "shortcut_scale"}
 
 
 @dataclass
@@ -86,8 +87,15 @@ class MetaResNet(nn.Module):
         for k, v in state.items():
             self.register_buffer("base__" + k.replace(".", "__"), v.detach().clone())
         # Shared trainable parameters (e.g. the classifier or SkipInit alphas), one copy for all shapes.
+        # The scalars of a BN-replacement block variant (SkipInit alpha, learnable shortcut scale)
+        # in metamorphic blocks are shared across shapes and trained with the INR.
+        shared = list(shared or [])
+        for b in blocks:
+            scalar = VARIANT_SCALARS.get(self.base_arch.variant_of(b))
+            if scalar and f"{b}.{scalar}" not in shared:
+                shared.append(f"{b}.{scalar}")
         self.shared = nn.ParameterDict()
-        for name in shared or []:
+        for name in shared:
             self.shared[name.replace(".", "__")] = nn.Parameter(state[name].detach().clone())
         self._templates: OrderedDict[str, nn.Module] = OrderedDict()
         for b in blocks:

@@ -46,6 +46,9 @@ class ResNetArch:
     shortcut: str = "A"
     bn: bool = True
     block_variant: str = "standard"
+    # per-block overrides of ``block_variant``, e.g. {"layer3.1": "skipinit"} (the seed paper
+    # replaces BN only in the metamorphic blocks)
+    block_variants: dict[str, str] = field(default_factory=dict)
     mean: list[float] = field(default_factory=lambda: list(CIFAR10_MEAN))
     std: list[float] = field(default_factory=lambda: list(CIFAR10_STD))
 
@@ -64,6 +67,23 @@ class ResNetArch:
             raise ValueError(
                 f"unknown block_variant {self.block_variant!r}; choose one of {BLOCK_VARIANTS}"
             )
+        self.block_variants = {str(k): str(v) for k, v in dict(self.block_variants).items()}
+        for name, v in self.block_variants.items():
+            if v not in BLOCK_VARIANTS:
+                raise ValueError(
+                    f"unknown block variant {v!r} for {name}; choose one of {BLOCK_VARIANTS}"
+                )
+            parts = name.removeprefix("layer").split(".")
+            if (
+                not name.startswith("layer")
+                or len(parts) != 2
+                or not all(p.isdigit() for p in parts)
+            ):
+                raise ValueError(f"block_variants key {name!r} is not a block name like 'layer3.1'")
+            if not 1 <= int(parts[0]) <= len(self.hidden):
+                raise ValueError(
+                    f"block_variants names {name}, but there are {len(self.hidden)} stages"
+                )
         for s, stage in enumerate(self.hidden):
             if len(stage) < 1:
                 raise ValueError(f"stage {s + 1} has no blocks; every stage needs at least 1")
@@ -74,6 +94,10 @@ class ResNetArch:
             raise ValueError(f"stage widths must be >= 1, got {self.stage_widths}")
         if len(self.mean) != self.in_channels or len(self.std) != self.in_channels:
             raise ValueError("mean and std need one value per input channel")
+
+    def variant_of(self, name: str) -> str:
+        """The block variant of block ``name`` (``"layer2.0"``)."""
+        return self.block_variants.get(name, self.block_variant)
 
     @property
     def depth(self) -> int:
@@ -182,10 +206,9 @@ class CifarResNet(nn.Module):
             blocks = []
             for b, h in enumerate(hidden):
                 stride = 2 if (s > 0 and b == 0) else 1
+                variant = arch.variant_of(f"layer{s + 1}.{b}")
                 blocks.append(
-                    BasicBlock(
-                        in_planes, h, planes, stride, arch.shortcut, arch.bn, arch.block_variant
-                    )
+                    BasicBlock(in_planes, h, planes, stride, arch.shortcut, arch.bn, variant)
                 )
                 in_planes = planes
             self.add_module(f"layer{s + 1}", nn.Sequential(*blocks))

@@ -19,11 +19,11 @@ from metamorph.cli.common import (
 )
 from metamorph.config.schema import OptimConfig, SchedulerConfig, typed
 from metamorph.hypernet.inr import INRConfig
-from metamorph.hypernet.metanet import MetaResNet, MetaSpec
+from metamorph.hypernet.metanet import MetaResNet, MetaSpec, block_names
 from metamorph.hypernet.sampling import SamplingConfig
 from metamorph.io.model_file import save_model
 from metamorph.models import fold_batchnorm
-from metamorph.models.resnet_cifar import CifarResNet
+from metamorph.models.resnet_cifar import CifarResNet, ResNetArch
 from metamorph.tasks.metamorph import LossConfig, MetamorphConfig, MetamorphModule, ScheduleConfig
 
 
@@ -111,6 +111,36 @@ def prepare_base(
     return model, report
 
 
+BN_STRATEGIES = ("fold", "skipinit", "scaled_shortcut", "learnable_shortcut")
+
+
+def apply_bn_strategy(model: CifarResNet, blocks: list[str], strategy: str) -> CifarResNet:
+    """Rebuild a folded network with the block variant ``strategy`` in ``blocks``.
+
+    ``fold`` (NeuMeta) leaves the network as it is; the others are the BN-replacement strategies
+    of Sommariva et al. (SkipInit alpha init 0, fixed or learnable shortcut scaling), applied to the
+    metamorphic blocks only. New scalars start at their init; every other tensor is kept.
+    """
+    if strategy not in BN_STRATEGIES:
+        raise ValueError(
+            f"prepare.bn_strategy={strategy!r}; choose one of {BN_STRATEGIES} (keeping BN inside "
+            "metamorphic blocks is not supported: the INR emits folded convolutions)"
+        )
+    if strategy == "fold":
+        return model
+    if model.arch.bn:
+        raise ValueError(f"bn_strategy={strategy} needs prepare.fold_bn=true")
+    arch = ResNetArch.from_dict(model.arch.to_dict())
+    arch.block_variants = {**arch.block_variants, **{b: strategy for b in blocks}}
+    new = CifarResNet(arch)
+    missing, unexpected = new.load_state_dict(model.state_dict(), strict=False)
+    if unexpected or any(not m.endswith(("alpha", "shortcut_scale")) for m in missing):
+        raise RuntimeError(
+            f"bn_strategy rebuild mismatch: missing {missing}, unexpected {unexpected}"
+        )
+    return new.eval()
+
+
 def run_metamorph(cfg: DictConfig) -> dict:
     t0 = time.time()
     L.seed_everything(cfg.seed, workers=True)
@@ -132,11 +162,13 @@ def run_metamorph(cfg: DictConfig) -> dict:
         base, p.fold_bn, p.permute, p.tsp_time_limit, p.get("hidden_order", "smooth")
     )
     out_dir.mkdir(parents=True, exist_ok=True)
+    teacher = prepared if mcfg.loss.kd > 0 else None  # the prepared network, before any strategy
+    scope = block_names(prepared.arch) if mcfg.spec.blocks in (["all"], "all") else mcfg.spec.blocks
+    prepared = apply_bn_strategy(prepared, list(scope), p.get("bn_strategy", "fold"))
     save_model(prepared, out_dir / "prepared", meta={"source": str(base_path), **prep_report})
     net = MetaResNet(prepared, mcfg.spec, mcfg.inr, shared=mcfg.shared)
     dm = build_datamodule(cfg.data, mean=prepared.arch.mean, std=prepared.arch.std, seed=cfg.seed)
     dm.setup("fit")
-    teacher = prepared if mcfg.loss.kd > 0 else None
     module = MetamorphModule(net, mcfg, teacher=teacher, hparams=plain(cfg))
     sw = cfg.task.sweep
     sweep = RatioSweep(
@@ -196,8 +228,6 @@ def load_metamorph_checkpoint(path: str | Path, map_location: str = "cpu") -> Me
     ckpt, hp = load_task_checkpoint(path, "metamorph", "metamorphic", map_location)
     cfg = OmegaConf.create(hp["config"])
     mcfg = metamorph_config(cfg)
-    from metamorph.models.resnet_cifar import ResNetArch
-
     base = CifarResNet(ResNetArch.from_dict(dict(hp["base_arch"])))
     net = MetaResNet(base, mcfg.spec, mcfg.inr, shared=mcfg.shared)
     module = MetamorphModule(net, mcfg, hparams=hp["config"])
