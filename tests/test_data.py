@@ -414,18 +414,19 @@ def test_embedded_cifar10_mini():
         load_cifar("embedded:nope")
 
 
+def _png(x: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(x).save(buf, format="PNG")
+    return buf.getvalue()
+
+
 def test_embedded_format_roundtrip(tmp_path):
     rng = np.random.default_rng(0)
     imgs = _rand_images(rng, 5)
 
-    def png(x):
-        buf = io.BytesIO()
-        Image.fromarray(x).save(buf, format="PNG")
-        return buf.getvalue()
-
     splits = {
-        "train": ([png(x) for x in imgs[:3]], [0, 1, 1]),
-        "test": ([png(x) for x in imgs[3:]], [1, 0]),
+        "train": ([_png(x) for x in imgs[:3]], [0, 1, 1]),
+        "test": ([_png(x) for x in imgs[3:]], [1, 0]),
     }
     p1, p2 = tmp_path / "a.bin", tmp_path / "b.bin"
     embedded_mod.write_embedded(p1, "t", ["x", "y"], splits)
@@ -447,15 +448,10 @@ def test_data_pack_as_root(tmp_path):
     rng = np.random.default_rng(1)
     imgs = _rand_images(rng, 40)
 
-    def png(x):
-        buf = io.BytesIO()
-        Image.fromarray(x).save(buf, format="PNG")
-        return buf.getvalue()
-
     labels = [i % 10 for i in range(40)]
     splits = {
-        "train": ([png(x) for x in imgs[:30]], labels[:30]),
-        "test": ([png(x) for x in imgs[30:]], labels[30:]),
+        "train": ([_png(x) for x in imgs[:30]], labels[:30]),
+        "test": ([_png(x) for x in imgs[30:]], labels[30:]),
     }
     pack = tmp_path / "c10.bin"
     embedded_mod.write_embedded(pack, "c10", C10, splits)
