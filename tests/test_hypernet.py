@@ -14,7 +14,7 @@ from metamorph.hypernet.inr import INRConfig, TensorSlot, WeightINR, fourier_fea
 from metamorph.hypernet.metanet import BLOCK_TENSORS, MetaResNet, MetaSpec
 from metamorph.hypernet.sampling import SamplingConfig, ShapeSampler, width_range
 from metamorph.models import CifarResNet, fold_batchnorm
-from metamorph.tasks.metamorph import MetamorphConfig, MetamorphModule
+from metamorph.tasks.metamorph import LossConfig, MetamorphConfig, MetamorphModule
 
 torch.set_num_threads(1)
 
@@ -502,6 +502,50 @@ def test_recon_warmup_steps_skip_the_classifier_loss():
     losses, logged = run_steps(module, x, y, 3)
     assert "train/ce" not in logged[0] and "train/recon" in logged[0]
     assert losses[-1] < losses[0]
+
+
+def test_recon_warmup_emits_only_the_full_shape(monkeypatch):
+    """During the warm-up only the full-width emission is fitted: one emission per step."""
+    module = tiny_module(
+        recon_warmup_steps=5, sampling=SamplingConfig(mode="uniform", full_width_every=0)
+    )
+    shapes = []
+    emit = module.net.emit
+    monkeypatch.setattr(module.net, "emit", lambda h, **kw: shapes.append(h) or emit(h, **kw))
+    x, y = torch.randn(8, 3, 8, 8), torch.randint(0, 10, (8,))
+    _, logged = run_steps(module, x, y, 2)
+    assert shapes == [module.net.full_shape] * 2
+    assert logged[0]["train/gamma"] == 0.0
+
+
+def test_relative_recon_weighs_every_tensor_alike():
+    from metamorph.tasks.metamorph import recon_loss
+
+    t_small, t_large = torch.full((4, 4), 0.01), torch.full((4,), 1.0)
+    # the same 10% relative error costs the same, whatever the tensor's scale
+    a = recon_loss(1.1 * t_small, t_small, "relative")
+    b = recon_loss(1.1 * t_large, t_large, "relative")
+    assert a.item() == pytest.approx(0.01, rel=1e-4) and b.item() == pytest.approx(0.01, rel=1e-4)
+    assert recon_loss(1.1 * t_small, t_small, "mse") < 1e-4 * recon_loss(
+        1.1 * t_large, t_large, "mse"
+    )
+    with pytest.raises(ValueError, match="recon_type"):
+        recon_loss(t_small, t_small, "l1")
+    with pytest.raises(ValueError, match="task.loss.recon_type='l1'"):
+        tiny_module(loss=LossConfig(recon_type="l1"))
+
+
+def test_emit_eval_k1_is_the_noise_free_emission():
+    """K = 1 is NeuMeta's sample 0 (no coordinate noise); K > 1 adds noisy samples."""
+    module = tiny_module(coord_noise=1.0, ema_decay=0.0)
+    hidden = module.net.shape_for_gamma(0.25)
+    clean = module.net.emit(hidden, noise=0.0)
+    for seed in (0, 1):
+        e = module.emit_eval(hidden, k=1, seed=seed)
+        assert all(torch.equal(e[n], clean[n]) for n in clean)
+    a, b = module.emit_eval(hidden, k=3, seed=0), module.emit_eval(hidden, k=3, seed=1)
+    assert any(not torch.equal(a[n], clean[n]) for n in clean)
+    assert any(not torch.equal(a[n], b[n]) for n in clean)
 
 
 def test_post_warmup_optimizer_reset_and_lr_ramp(tmp_path):

@@ -24,7 +24,10 @@ from metamorph.tasks.optim import build_optimizer, build_scheduler
 class LossConfig:
     ce: float = 1.0
     recon: float = 1.0
-    recon_type: str = "weighted"  # weighted (|w|-weighted MSE, NeuMeta CIFAR-10) | mse
+    # weighted (|w|-weighted MSE, NeuMeta CIFAR-10) | mse | relative (each tensor's MSE divided by
+    # its mean square: every tensor counts alike; with plain MSE over a whole network the biases,
+    # ~100x larger in mean square than the folded conv weights, take the whole loss)
+    recon_type: str = "weighted"
     reg: float = 1e-4  # sum of L2 norms of the emitted tensors
     kd: float = 0.0  # distillation from the prepared full network
     kd_temperature: float = 4.0
@@ -79,14 +82,19 @@ class MetamorphConfig:
     seed: int = 0
 
 
+RECON_TYPES = ("weighted", "mse", "relative")
+
+
 def recon_loss(pred: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Tensor:
     if kind == "mse":
         return F.mse_loss(pred, target)
+    if kind == "relative":
+        return F.mse_loss(pred, target) / target.pow(2).mean().clamp_min(1e-12)
     if kind == "weighted":
         w = target.abs()
         w = w / w.max().clamp_min(1e-12)
         return (w * (pred - target) ** 2).mean()
-    raise ValueError(f"unknown recon_type {kind!r}; choose weighted or mse")
+    raise ValueError(f"unknown recon_type {kind!r}; choose one of {', '.join(RECON_TYPES)}")
 
 
 class EMA(nn.Module):
@@ -150,6 +158,10 @@ class MetamorphModule(L.LightningModule):
         hparams: dict | None = None,
     ) -> None:
         super().__init__()
+        if cfg.loss.recon_type not in RECON_TYPES:
+            raise ValueError(
+                f"task.loss.recon_type={cfg.loss.recon_type!r}; choose one of {', '.join(RECON_TYPES)}"
+            )
         self.net = net
         self.cfg = cfg
         self.sampler = ShapeSampler(net, cfg.sampling, seed=cfg.seed)
@@ -221,25 +233,26 @@ class MetamorphModule(L.LightningModule):
     def emit_eval(
         self, hidden: Shape, k: int | None = None, seed: int = 0
     ) -> dict[str, torch.Tensor]:
-        """Emission used for evaluation: EMA weights, K-sample averaged (first sample noise-free)."""
+        """Emission used for evaluation: EMA weights, K-sample averaged (first sample noise-free,
+        so K = 1 is the noise-free emission, as in NeuMeta's ``sample_merge_model``)."""
         k = self.cfg.eval_k if k is None else k
         g = torch.Generator().manual_seed(seed)
+        noise = self.cfg.coord_noise if k > 1 else 0.0
         with self.eval_weights():
-            return self.net.emit(
-                hidden, noise=self.cfg.coord_noise, generator=g, quirk=self.cfg.noise_quirk, k=k
-            )
+            return self.net.emit(hidden, noise=noise, generator=g, quirk=self.cfg.noise_quirk, k=k)
 
     # ------------------------------------------------------------------ training
     def training_step(self, batch, batch_idx):
         x, y = batch
         step = self.global_step
         cfg = self.cfg
-        hidden = self.sampler.sample(step)
+        warm = step < cfg.recon_warmup_steps
+        # the warm-up only fits the full-width emission: no sampled shape to emit
+        hidden = self.net.full_shape if warm else self.sampler.sample(step)
         full = hidden == self.net.full_shape
         g = self.sampler.generator(step + 7919)
         emitted = self.net.emit(hidden, noise=cfg.coord_noise, generator=g, quirk=cfg.noise_quirk)
         losses = {}
-        warm = step < cfg.recon_warmup_steps
         if not warm and cfg.loss.ce > 0:
             logits = self.net(x, hidden, emitted)
             losses["ce"] = cfg.loss.ce * F.cross_entropy(logits, y)
