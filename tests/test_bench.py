@@ -55,17 +55,20 @@ def test_bench_random_weights(tmp_path, capsys):
 
 
 def test_emission_flops_match_the_inr_layers():
-    """The counted INR FLOPs are 2 x multiply-adds of every head's linear layers."""
+    """The counted INR FLOPs are 2 x multiply-adds of every head's linear layers; the
+    noise-free emission's input layer runs once per grid row, column and constant query
+    (outer sum), the rest of each head once per query."""
     inr = INRConfig(hidden=16, layers=2, freqs=4)
     net = bench.build_metanet("resnet20", inr)
     e = bench.bench_emission(net, torch.device("cpu"), 1, 0, [1], noise=1.0)
-    in_dim = 6 * (1 + 2 * inr.freqs)
+    feat = 1 + 2 * inr.freqs  # Fourier features of one coordinate
     expected = 0
     for t in net.emit(net.full_shape).values():
-        rows = t.shape[0] * (t.shape[1] if t.dim() == 4 else 1)
+        r, c = t.shape[0], (t.shape[1] if t.dim() == 4 else 1)
         out_dim = inr.kernel_out if t.dim() == 4 else 1
-        per = in_dim * inr.hidden + (inr.layers - 1) * inr.hidden**2 + inr.hidden * out_dim
-        expected += 2 * rows * per
+        first = 6 * feat * inr.hidden + (r + c) * feat * inr.hidden  # x0, then rows and columns
+        per = (inr.layers - 1) * inr.hidden**2 + inr.hidden * out_dim
+        expected += 2 * (first + r * c * per)
     assert e["inr_gflop"] * 1e9 == pytest.approx(expected)
 
 

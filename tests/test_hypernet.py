@@ -683,3 +683,30 @@ def test_sampler_depth_choices_and_bad_mode():
     assert all(len(s) == 3 for step in range(20) for s in fixed.sample(step))
     with pytest.raises(ValueError, match="unknown sampling mode"):
         ShapeSampler(smp.net, SamplingConfig(mode="random"))
+
+
+@pytest.mark.parametrize("freqs", [0, 3, 8])
+@pytest.mark.parametrize("scale", [1.0, 0.6, 1.5])
+def test_noise_free_grid_emission_equals_the_per_query_path(freqs, scale):
+    """The outer-sum input layer (noise-free emissions) gives the per-query MLP's values, with
+    and without autograd (the no-grad trunk runs in place)."""
+    base = folded_resnet20(stage_widths=[4, 8, 8])
+    net = MetaResNet(base, MetaSpec(blocks=["all"]), INRConfig(hidden=16, layers=3, freqs=freqs))
+    torch.manual_seed(1)
+    for p in net.inr.parameters():
+        p.data.normal_(0, 0.3)
+    hidden = [[max(1, round(w * scale)) for w in stage] for stage in net.full_shape]
+    for name in net.present_meta_tensors(hidden):
+        slot, shape = net.slot_of[name], net.tensor_shape(name, hidden)
+        rows, cols = shape[0], (shape[1] if slot.kind == "weight" else 1)
+        raw = net.inr.raw_grid(slot, rows, cols, torch.device("cpu"))
+        ref = net.inr.head(name)(fourier_features(net.inr.normalize(raw), freqs))
+        ref = net.inr._reshape(ref, slot, shape) / cols
+        with_grad = net.inr.emit_tensor(slot, shape)
+        assert with_grad.requires_grad
+        with torch.no_grad():
+            no_grad = net.inr.emit_tensor(slot, shape)
+        tol = 1e-5 * ref.abs().max().item() + 1e-7
+        assert with_grad.shape == ref.shape == no_grad.shape
+        assert (with_grad - ref).abs().max().item() <= tol, name
+        assert (no_grad - ref).abs().max().item() <= tol, name

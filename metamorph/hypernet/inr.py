@@ -51,9 +51,18 @@ class ResMLPHead(nn.Module):
         self.out = nn.Linear(hidden, out_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = torch.relu(self.inp(x))
+        return self.trunk(self.inp(x))
+
+    def trunk(self, pre: torch.Tensor) -> torch.Tensor:
+        """Everything after the input layer, from its pre-activation ``pre``."""
+        h = torch.relu(pre)
+        fused = not torch.is_grad_enabled()  # in-place ops only where autograd keeps nothing
         for k, layer in enumerate(self.res):
-            h = h + self.scales[k] * torch.relu(layer(h))
+            r = layer(h)
+            if fused:
+                h.add_(r.relu_().mul_(self.scales[k]))  # the same rounding as below
+            else:
+                h = h + self.scales[k] * torch.relu(r)
         return self.out(h)
 
 
@@ -161,15 +170,62 @@ class WeightINR(nn.Module):
         device = next(self.parameters()).device
         rows = shape[0]
         cols = shape[1] if slot.kind == "weight" else 1
-        raw = self.raw_grid(slot, rows, cols, device)
         fan_in = torch.tensor(float(cols), device=device)
         if noise > 0:
+            raw = self.raw_grid(slot, rows, cols, device)
             u = torch.rand(raw.shape, generator=generator, device="cpu").to(device) - 0.5
             raw = raw + noise * u
             if quirk:
                 return self._emit_quirk(slot, shape, raw)
-        out = self.head(slot.name)(fourier_features(self.normalize(raw), self.cfg.freqs))
+            out = self.head(slot.name)(fourier_features(self.normalize(raw), self.cfg.freqs))
+        else:
+            out = self._emit_grid(slot, rows, cols, device)
         return self._reshape(out, slot, shape) / fan_in
+
+    def _dim_columns(self, device: torch.device) -> list[torch.Tensor]:
+        """For each coordinate dimension d, the input-layer columns its Fourier features feed
+        (``fourier_features`` lays out ``[x_0..x_5, sin(d=0, k=0..F-1), ..., cos(...)]``)."""
+        key = ("dim_columns", str(device))
+        if key not in self._grid_cache:
+            f = self.cfg.freqs
+            self._grid_cache[key] = [
+                torch.tensor(
+                    [d]
+                    + [6 + d * f + k for k in range(f)]
+                    + [6 + 6 * f + d * f + k for k in range(f)],
+                    device=device,
+                )
+                for d in range(6)
+            ]
+        return self._grid_cache[key]
+
+    def _emit_grid(
+        self, slot: TensorSlot, rows: int, cols: int, device: torch.device
+    ) -> torch.Tensor:
+        """Noise-free head outputs over the whole ``rows x cols`` grid, (rows*cols, out).
+
+        The Fourier features of each coordinate enter the input layer linearly, and on a grid
+        only r and c vary, so its pre-activation is an outer sum ``A[r] + B[c] + const``: the
+        same values as the per-query path, without the per-query features or input matmul.
+        """
+        head = self.head(slot.name)
+        w = head.inp.weight
+        dims = self._dim_columns(device)
+        # the query at r = c = 0, through the whole input layer (carries every constant term)
+        x0 = torch.tensor(
+            [slot.index / self.num_slots, 0.0, 0.0]
+            + [self.num_slots / self.norm, rows / self.norm, cols / self.norm],
+            device=device,
+            dtype=w.dtype,
+        )
+        base = head.inp(fourier_features(x0[None], self.cfg.freqs))  # (1, hidden)
+        r = torch.arange(rows, device=device, dtype=w.dtype) / rows
+        c = torch.arange(cols, device=device, dtype=w.dtype) / cols
+        a = fourier_features(r[:, None], self.cfg.freqs) @ w[:, dims[1]].T  # (rows, hidden)
+        b = fourier_features(c[:, None], self.cfg.freqs) @ w[:, dims[2]].T  # (cols, hidden)
+        pre = (a - a[:1])[:, None, :] + (b - b[:1] + base)[None, :, :]
+        pre = pre.reshape(rows * cols, -1)
+        return head.trunk(pre)
 
     def _reshape(self, out: torch.Tensor, slot: TensorSlot, shape: tuple[int, ...]) -> torch.Tensor:
         if slot.kind == "bias":
