@@ -465,7 +465,9 @@ def test_individual_scratch_config_builds_the_shape(workdir):
     assert build_model(cfg.model, num_classes=10).arch.hidden == hidden
 
 
-def _neumeta_ckpt(workdir: Path, base_file: Path) -> Path:
+def _neumeta_ckpt(
+    workdir: Path, base_file: Path, blocks: str = LAST, extra: tuple = (), name: str = "neumeta"
+) -> Path:
     """A (untrained) NeuMeta checkpoint over the tiny base, in the format task=metamorph writes."""
     from metamorph.cli.common import plain
     from metamorph.hypernet.metanet import MetaResNet
@@ -478,8 +480,9 @@ def _neumeta_ckpt(workdir: Path, base_file: Path) -> Path:
         [
             "task=metamorph",
             f"task.base={base_file}",
-            f"task.scope.blocks=[{LAST}]",
+            f"task.scope.blocks=[{blocks}]",
             "task.eval_k=2",
+            *extra,
             "hypernet=small",
             "hypernet.hidden=8",
             "hypernet.layers=1",
@@ -490,15 +493,13 @@ def _neumeta_ckpt(workdir: Path, base_file: Path) -> Path:
     mcfg = metamorph_config(cfg)
     prepared, _ = prepare_base(metamorph.load(base_file), fold=True, permute=False, time_limit=0.01)
     module = MetamorphModule(MetaResNet(prepared, mcfg.spec, mcfg.inr), mcfg, hparams=plain(cfg))
-    path = workdir / "neumeta.ckpt"
+    path = workdir / f"{name}.ckpt"
     torch.save({"hyper_parameters": dict(module.hparams), "state_dict": module.state_dict()}, path)
     return path
 
 
-def _table_module():
-    spec = importlib.util.spec_from_file_location(
-        "table_neumeta", REPO / "scripts" / "table_neumeta.py"
-    )
+def _table_module(name: str = "table_neumeta"):
+    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
@@ -555,3 +556,41 @@ def test_table_script_on_tiny_inputs(workdir, base_file, slim_run, individual_ru
     )
     assert all(v is None for v in s2["table"].values())
     assert read_curve_csv(tmp_path / "t2" / "pruning_curves.csv") == curve
+
+
+def test_full_network_table_script_on_tiny_inputs(
+    workdir, base_file, slim_run, individual_run, tmp_path
+):
+    table = _table_module("table_full_network")
+    ckpt = _neumeta_ckpt(
+        workdir, base_file, blocks="all", extra=("task.scope.depth_choices=[1,2]",), name="full"
+    )
+    out = tmp_path / "full"
+    s = table.main(
+        [
+            "--base", str(base_file),
+            "--metamorph", f"tiny-full={ckpt}", f"absent={tmp_path / 'absent.ckpt'}",
+            "--individual", f"0.5={individual_run['summary']['exported']}", f"0.75={tmp_path / 'no.json'}",
+            "--slimmable", slim_run["summary"]["checkpoint"],
+            "--data-root", "embedded:cifar10-mini", "--test-subset", "30", "--batch-size", "16",
+            "--out", str(out),
+        ]
+    )  # fmt: skip
+    for f in ("table.csv", "table.md", "table.png", "pruning_l1.csv"):
+        assert (out / f).stat().st_size > 0, f
+    t = s["table"]
+    cols = ("g0", "g0.25", "g0.5", "g0.625", "g0.75", "d2", "d1", "x1.25")
+    assert all(t[f"tiny-full@{c}"] is not None for c in cols)
+    assert all(t[f"absent@{c}"] is None for c in cols)
+    assert t["Base network@g0"] is not None and t["Individually fine-tuned@g0.5"] is not None
+    assert t["Individually fine-tuned@g0.75"] is None
+    assert all(t[f"Slimmable@g{g:g}"] is not None for g in (0, 0.25, 0.5, 0.625, 0.75))
+    assert t["Slimmable@d1"] is None and t["L1 pruning, no fine-tuning@g0.75"] is not None
+    # the gamma-0 pruned network is the base itself
+    assert t["L1 pruning, no fine-tuning@g0"] == t["Base network@g0"]
+    checks = s["targets"]["tiny-full"]
+    assert any(c.startswith("γ=0 within 1.0 of the base: ") for c in checks)
+    assert any("g0.25 within 1.0 of individually fine-tuned: no baseline" in c for c in checks)
+    assert any(c.startswith("g0.75 above slimmable: ") and "baseline" not in c for c in checks)
+    md = (out / "table.md").read_text()
+    assert "| Slimmable |" in md and "not run" in md and "Targets, tiny-full:" in md
