@@ -685,13 +685,15 @@ def test_sampler_depth_choices_and_bad_mode():
         ShapeSampler(smp.net, SamplingConfig(mode="random"))
 
 
+@pytest.mark.parametrize("coords", ["relative", "absolute"])
 @pytest.mark.parametrize("freqs", [0, 3, 8])
 @pytest.mark.parametrize("scale", [1.0, 0.6, 1.5])
-def test_noise_free_grid_emission_equals_the_per_query_path(freqs, scale):
+def test_noise_free_grid_emission_equals_the_per_query_path(freqs, scale, coords):
     """The outer-sum input layer (noise-free emissions) gives the per-query MLP's values, with
     and without autograd (the no-grad trunk runs in place)."""
     base = folded_resnet20(stage_widths=[4, 8, 8])
-    net = MetaResNet(base, MetaSpec(blocks=["all"]), INRConfig(hidden=16, layers=3, freqs=freqs))
+    inr = INRConfig(hidden=16, layers=3, freqs=freqs, coords=coords)
+    net = MetaResNet(base, MetaSpec(blocks=["all"]), inr)
     torch.manual_seed(1)
     for p in net.inr.parameters():
         p.data.normal_(0, 0.3)
@@ -700,7 +702,7 @@ def test_noise_free_grid_emission_equals_the_per_query_path(freqs, scale):
         slot, shape = net.slot_of[name], net.tensor_shape(name, hidden)
         rows, cols = shape[0], (shape[1] if slot.kind == "weight" else 1)
         raw = net.inr.raw_grid(slot, rows, cols, torch.device("cpu"))
-        ref = net.inr.head(name)(fourier_features(net.inr.normalize(raw), freqs))
+        ref = net.inr.head(name)(fourier_features(net.inr.normalize(raw, slot), freqs))
         ref = net.inr._reshape(ref, slot, shape) / cols
         with_grad = net.inr.emit_tensor(slot, shape)
         assert with_grad.requires_grad
@@ -710,3 +712,22 @@ def test_noise_free_grid_emission_equals_the_per_query_path(freqs, scale):
         assert with_grad.shape == ref.shape == no_grad.shape
         assert (with_grad - ref).abs().max().item() <= tol, name
         assert (no_grad - ref).abs().max().item() <= tol, name
+
+
+def test_absolute_coordinates_keep_a_channel_at_one_coordinate_across_widths():
+    base = folded_resnet20(stage_widths=[4, 8, 8])
+    spec = MetaSpec(blocks=[META])
+    name = f"{META}.conv1.weight"
+    for coords in ("relative", "absolute"):
+        net = MetaResNet(base, spec, INRConfig(hidden=8, layers=1, freqs=2, coords=coords))
+        slot = net.slot_of[name]
+        assert slot.full == (8, 8)
+        for rows in (3, 8, 12):
+            coord = net.inr.normalize(net.inr.raw_grid(slot, rows, 8, torch.device("cpu")), slot)
+            r = coord[:, 1].reshape(rows, 8)[:, 0]
+            den = 8 if coords == "absolute" else rows
+            assert torch.allclose(r, torch.arange(rows) / den)
+            # the size coordinate still tells the head which width it emits
+            assert torch.allclose(coord[0, 4], torch.tensor(rows / 8.0))
+    with pytest.raises(ValueError, match="hypernet.coords='pixel'"):
+        INRConfig(coords="pixel")

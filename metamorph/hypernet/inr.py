@@ -27,6 +27,15 @@ class INRConfig:
     freqs: int = 16
     residual_init: float = 0.1  # learnable residual scale s_k at init (0 = the official `mlp` type)
     kernel_out: int = 9  # outputs of a weight query (k*k)
+    # How a row/column index is normalised: ``relative`` (NeuMeta: r/R over the emitted size R,
+    # so a width is a resampling of one smooth weight field) or ``absolute`` (r over the
+    # pretrained size: a channel keeps its coordinate at every width, which is what the anchored
+    # variant needs, since its anchor keeps the first d pretrained channels).
+    coords: str = "relative"
+
+    def __post_init__(self) -> None:
+        if self.coords not in ("relative", "absolute"):
+            raise ValueError(f"hypernet.coords={self.coords!r}; choose relative or absolute")
 
 
 def fourier_features(x: torch.Tensor, freqs: int) -> torch.Tensor:
@@ -74,6 +83,7 @@ class TensorSlot:
     index: int
     kind: str
     kernel: tuple[int, int] = (1, 1)
+    full: tuple[int, int] = (1, 1)  # rows, cols of the pretrained tensor (absolute coordinates)
 
 
 class WeightINR(nn.Module):
@@ -153,9 +163,19 @@ class WeightINR(nn.Module):
             self._grid_cache[key] = grid
         return grid
 
-    def normalize(self, raw: torch.Tensor) -> torch.Tensor:
-        """``[i, r, c, L, R, C] -> [i/L, r/R, c/C, L/N, R/N, C/N]``."""
+    def normalize(self, raw: torch.Tensor, slot: TensorSlot | None = None) -> torch.Tensor:
+        """``[i, r, c, L, R, C] -> [i/L, r/R, c/C, L/N, R/N, C/N]``; with absolute coordinates
+        r and c are divided by the pretrained sizes of ``slot`` instead of R and C."""
+        if self.cfg.coords == "absolute" and slot is not None:
+            den = raw.new_tensor([float(self.num_slots), float(slot.full[0]), float(slot.full[1])])
+            return torch.cat([raw[:, :3] / den, raw[:, 3:] / self.norm], dim=1)
         return torch.cat([raw[:, :3] / raw[:, 3:], raw[:, 3:] / self.norm], dim=1)
+
+    def _dens(self, slot: TensorSlot, rows: int, cols: int) -> tuple[float, float]:
+        """Divisors of the row and column indices."""
+        if self.cfg.coords == "absolute":
+            return float(slot.full[0]), float(slot.full[1])
+        return float(rows), float(cols)
 
     # ------------------------------------------------------------------ emission
     def emit_tensor(
@@ -177,7 +197,7 @@ class WeightINR(nn.Module):
             raw = raw + noise * u
             if quirk:
                 return self._emit_quirk(slot, shape, raw)
-            out = self.head(slot.name)(fourier_features(self.normalize(raw), self.cfg.freqs))
+            out = self.head(slot.name)(fourier_features(self.normalize(raw, slot), self.cfg.freqs))
         else:
             out = self._emit_grid(slot, rows, cols, device)
         return self._reshape(out, slot, shape) / fan_in
@@ -219,8 +239,9 @@ class WeightINR(nn.Module):
             dtype=w.dtype,
         )
         base = head.inp(fourier_features(x0[None], self.cfg.freqs))  # (1, hidden)
-        r = torch.arange(rows, device=device, dtype=w.dtype) / rows
-        c = torch.arange(cols, device=device, dtype=w.dtype) / cols
+        den_r, den_c = self._dens(slot, rows, cols)
+        r = torch.arange(rows, device=device, dtype=w.dtype) / den_r
+        c = torch.arange(cols, device=device, dtype=w.dtype) / den_c
         a = fourier_features(r[:, None], self.cfg.freqs) @ w[:, dims[1]].T  # (rows, hidden)
         b = fourier_features(c[:, None], self.cfg.freqs) @ w[:, dims[2]].T  # (cols, hidden)
         pre = (a - a[:1])[:, None, :] + (b - b[:1] + base)[None, :, :]
@@ -243,7 +264,7 @@ class WeightINR(nn.Module):
         output is divided by the noisy fan-in ``C + u``."""
         by_index = {s.index: s for s in self.slots.values()}
         head_ids = raw[:, 0].trunc().long().clamp(min=0)
-        feats = fourier_features(self.normalize(raw), self.cfg.freqs)
+        feats = fourier_features(self.normalize(raw, slot), self.cfg.freqs)
         out_dim = self.cfg.kernel_out if slot.kind == "weight" else 1
         out = feats.new_zeros(raw.shape[0], self.cfg.kernel_out)
         for hid in head_ids.unique().tolist():

@@ -75,10 +75,15 @@ class MetaResNet(nn.Module):
         self._all_blocks = all_blocks
         # Global slot index: position of a tensor in the full network, independent of scope and depth.
         self.slot_of: dict[str, TensorSlot] = {}
+        state = base.state_dict()
         for bi, bname in enumerate(all_blocks):
             for k, t in enumerate(BLOCK_TENSORS):
                 kind = t.split(".")[1]
-                self.slot_of[f"{bname}.{t}"] = TensorSlot(f"{bname}.{t}", 4 * bi + k, kind, (3, 3))
+                shape = state[f"{bname}.{t}"].shape
+                full = (shape[0], shape[1] if kind == "weight" else 1)
+                self.slot_of[f"{bname}.{t}"] = TensorSlot(
+                    f"{bname}.{t}", 4 * bi + k, kind, (3, 3), full
+                )
         norm = spec.norm or float(max(self.base_arch.stage_widths))
         self.inr = WeightINR(inr_cfg, num_slots=4 * len(all_blocks), norm=norm)
         # Frozen prepared weights (buffers: saved in checkpoints, never trained).
