@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -100,29 +99,17 @@ def plain_row(method: str, models: dict[str, str], dm, bs: int, note: str = "") 
     return {"method": method, "note": note, "cells": cells}
 
 
-def slimmable_cells(path: str, dm, bs: int, calib_batches: int, calib_bs: int) -> dict:
+def slimmable_cells(args, dm) -> dict:
     from metamorph.tasks.slimmable import load_slimmable_checkpoint
 
-    slim = load_slimmable_checkpoint(path).net
-    cells, calib = {}, None
+    slim = load_slimmable_checkpoint(args.slimmable).net
+    cells, calib = {}, []
     for key, _, kind, v in COLUMNS:
-        if kind != "gamma":
-            continue
-        hidden = slim.shape_for_gamma(v)
-        if not slim.is_calibrated(hidden):
-            if calib is None:
-                n = calib_batches * calib_bs
-                calib = model_batches(dm, slim.net, dm.subset("train", n, seed=0), calib_bs)
-            slim.calibrate(hidden, calib)
-        net = slim.materialize(hidden)
-        acc = t2.eval_plain(net, dm, bs)
-        cells[key] = {"acc": acc, "params": count_params(net)}
-    return {
-        "method": "Slimmable",
-        "source": path,
-        "note": "BN recalibrated per width",
-        "cells": cells,
-    }
+        if kind == "gamma":
+            acc, params, note = t2.slimmable_at(slim, v, dm, args, calib)
+            cells[key] = {"acc": acc, "params": params, "note": note}
+    note = "BN recalibrated per width"
+    return {"method": "Slimmable", "source": args.slimmable, "note": note, "cells": cells}
 
 
 def pruning_cells(args, dm, base, out: Path) -> dict:
@@ -244,17 +231,7 @@ def main(argv: list[str] | None = None) -> dict:
                     help="KEY: a gamma (0.25, 0.5, 0.625, 0.75) or d2 / d1")  # fmt: skip
     ap.add_argument("--slimmable", help="slimmable.ckpt of task=slimmable over all blocks")
     ap.add_argument("--pruning-csv", help="reuse an L1 curve CSV (blocks all)")
-    ap.add_argument("--calib-batches", type=int, default=10)
-    ap.add_argument("--calib-batch-size", type=int, default=128)
-    ap.add_argument(
-        "--data-root",
-        default=os.environ.get("METAMORPH_SHARED", str(REPO.parent / "shared"))
-        + "/data/cifar10-jpeg",
-    )
-    ap.add_argument("--dataset", default="cifar10")
-    ap.add_argument("--test-subset", type=int, default=None)
-    ap.add_argument("--batch-size", type=int, default=1000)
-    ap.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "1")))
+    t2.add_eval_args(ap)
     ap.add_argument("--out", default=str(REPO / "outputs" / "tables" / "full_network"))
     a = ap.parse_args(argv)
     torch.set_num_threads(max(1, a.threads))
@@ -288,7 +265,7 @@ def main(argv: list[str] | None = None) -> dict:
         rows.append(indiv)
     slim = None
     if t2._exists(a.slimmable):
-        slim = slimmable_cells(a.slimmable, dm, a.batch_size, a.calib_batches, a.calib_batch_size)
+        slim = slimmable_cells(a, dm)
         rows.append(slim)
     prune = pruning_cells(a, dm, base, out)
     rows.append(prune)

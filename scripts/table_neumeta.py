@@ -149,31 +149,54 @@ def slimmable_rows(args, dm) -> list[dict]:
             }
             for g in GAMMAS
         ]
-    calib = None
+    calib: list = []
     for g in GAMMAS:
-        hidden = slim.shape_for_gamma(g)
-        note = "BN recalibrated in training"
-        if not slim.is_calibrated(hidden):
-            if calib is None:
-                n = args.calib_batches * args.calib_batch_size
-                calib = model_batches(
-                    dm, slim.net, dm.subset("train", n, seed=0), args.calib_batch_size
-                )
-            slim.calibrate(hidden, calib)
-            note = f"BN recalibrated here ({len(calib)} batches)"
-        net = slim.materialize(hidden)
+        acc, params, note = slimmable_at(slim, g, dm, args, calib)
         rows.append(
             {
                 "method": "Slimmable",
                 "gamma": g,
-                "acc": eval_plain(net, dm, args.batch_size),
-                "params": count_params(net),
+                "acc": acc,
+                "params": params,
                 "status": "ok",
                 "source": args.slimmable,
                 "note": note,
             }
         )
     return rows
+
+
+def slimmable_at(slim, gamma: float, dm, args, calib: list) -> tuple[float, int, str]:
+    """Test accuracy and parameters of a slimmable network at ``gamma``; BN statistics are
+    recalibrated on ``args.calib_batches`` training batches (drawn once into ``calib``) for
+    widths the checkpoint has no statistics for."""
+    hidden = slim.shape_for_gamma(gamma)
+    note = "BN recalibrated in training"
+    if not slim.is_calibrated(hidden):
+        if not calib:
+            n = args.calib_batches * args.calib_batch_size
+            calib += model_batches(
+                dm, slim.net, dm.subset("train", n, seed=0), args.calib_batch_size
+            )
+        slim.calibrate(hidden, calib)
+        note = f"BN recalibrated here ({len(calib)} batches)"
+    net = slim.materialize(hidden)
+    return eval_plain(net, dm, args.batch_size), count_params(net), note
+
+
+def add_eval_args(ap: argparse.ArgumentParser) -> None:
+    """Test data, evaluation batch, BN-calibration and thread options shared by the table scripts."""
+    ap.add_argument("--calib-batches", type=int, default=10)
+    ap.add_argument("--calib-batch-size", type=int, default=128)
+    ap.add_argument(
+        "--data-root",
+        default=os.environ.get("METAMORPH_SHARED", str(REPO.parent / "shared"))
+        + "/data/cifar10-jpeg",
+    )
+    ap.add_argument("--dataset", default="cifar10")
+    ap.add_argument("--test-subset", type=int, default=None)
+    ap.add_argument("--batch-size", type=int, default=1000)
+    ap.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "1")))
 
 
 def neumeta_rows(args, dm) -> list[dict]:
@@ -397,16 +420,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--criteria", nargs="+", default=list(CRITERIA), choices=CRITERIA)
     ap.add_argument("--curve-gammas", default="0:0.95:0.05")
     ap.add_argument("--blocks", nargs="+", default=["layer3.2"])
-    ap.add_argument("--calib-batches", type=int, default=10)
-    ap.add_argument("--calib-batch-size", type=int, default=128)
-    ap.add_argument(
-        "--data-root",
-        default=os.environ.get("METAMORPH_SHARED", str(REPO.parent / "shared"))
-        + "/data/cifar10-jpeg",
-    )
-    ap.add_argument("--dataset", default="cifar10")
-    ap.add_argument("--test-subset", type=int, default=None)
-    ap.add_argument("--batch-size", type=int, default=1000)
+    add_eval_args(ap)
     ap.add_argument("--cost", nargs="*", default=[], metavar="METHOD=MINUTES")
     ap.add_argument(
         "--summary",
@@ -415,7 +429,6 @@ def main(argv: list[str] | None = None) -> dict:
         metavar="METHOD=PATH[,PATH]",
         help="run summaries (globs ok)",
     )
-    ap.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "1")))
     ap.add_argument("--out", default=str(REPO / "outputs" / "tables" / "neumeta_table2"))
     a = ap.parse_args(argv)
     torch.set_num_threads(max(1, a.threads))

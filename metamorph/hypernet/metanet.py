@@ -87,7 +87,6 @@ class MetaResNet(nn.Module):
         norm = spec.norm or float(max(self.base_arch.stage_widths))
         self.inr = WeightINR(inr_cfg, num_slots=4 * len(all_blocks), norm=norm)
         # Frozen prepared weights (buffers: saved in checkpoints, never trained).
-        state = base.state_dict()
         self.base_keys = list(state)
         for k, v in state.items():
             self.register_buffer("base__" + k.replace(".", "__"), v.detach().clone())
