@@ -524,6 +524,52 @@ def test_cli_config_errors(tmp_path):
     cfg = _compose("search", tmp_path, tmp_path / "o", ["search=metamorph"])
     with pytest.raises(ValueError, match="ckpt"):
         run(cfg)
+    if not torch.cuda.is_available():
+        cfg = _compose(
+            "search", tmp_path, tmp_path / "o", [f"base={tmp_path / 'base.json'}", "device=cuda"]
+        )
+        with pytest.raises(ValueError, match="device=cpu"):
+            run(cfg)
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@needs_cuda
+def test_evaluators_on_cuda_match_cpu_and_leave_the_base_on_cpu(data):
+    x, y = data
+    net = tiny_net("A")
+    dspace = DecompositionSpace(net, 4, True)
+    order = channel_order(channel_saliency(net, x, y, "l1"))
+    pspace = PruningSpace(net, order)
+    for space, make in [
+        (dspace, lambda: DecompositionEvaluator(net, dspace, x, y, 12)),
+        (pspace, lambda: PruningEvaluator(net, pspace, x, y, 12)),
+    ]:
+        cpu_ev, gpu_ev = make(), make().to("cuda")
+        for g in random_genotypes(space, 3, seed=5):
+            assert gpu_ev.accuracy(g) == pytest.approx(cpu_ev.accuracy(g), abs=100 / len(y) + 1e-9)
+            built = gpu_ev.build(g)
+            assert all(p.device.type == "cpu" for p in built.parameters())
+        assert all(p.device.type == "cpu" for p in gpu_ev.model.parameters())
+
+
+@needs_cuda
+def test_cli_genecai_pipeline_on_cuda(tmp_path, monkeypatch):
+    from metamorph.cli.search import run
+
+    monkeypatch.setenv("METAMORPH_CACHE", str(tmp_path / "cache"))
+    save_model(tiny_net("A"), tmp_path / "base")
+    cfg = _compose(
+        "search",
+        tmp_path,
+        tmp_path / "run",
+        [f"base={tmp_path / 'base.json'}", "search.algorithm=scalar", "device=cuda", *SEARCH_TINY],
+    )
+    s = run(cfg, log=lambda _: None)
+    assert s["device"].startswith("cuda")
+    for f in s["front"]:
+        assert count_flops(metamorph.load(f["model_file"])) == f["flops"]
 
 
 @pytest.mark.slow

@@ -22,7 +22,13 @@ import hydra
 import torch
 from omegaconf import DictConfig
 
-from metamorph.cli.common import CONF_DIR, build_datamodule, load_any_model, print_summary
+from metamorph.cli.common import (
+    CONF_DIR,
+    build_datamodule,
+    load_any_model,
+    print_summary,
+    resolve_device,
+)
 from metamorph.config.schema import typed
 
 
@@ -34,6 +40,7 @@ def run(cfg: DictConfig, log=print) -> dict:
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg.threads))
     scfg: SearchConfig = typed(SearchConfig, cfg.search, "search")
+    device = resolve_device(str(cfg.get("device", "cpu")))
     seed = int(cfg.seed)
     torch.manual_seed(seed)
     out = Path(cfg.paths.output_dir)
@@ -75,8 +82,10 @@ def run(cfg: DictConfig, log=print) -> dict:
         metamorph_module=module,
         seed=seed,
         log=log,
+        device=device,
     )
     summary["source"] = source
+    summary["device"] = str(device)
     summary["output_dir"] = str(out)
     log("")
     log(format_table(summary))

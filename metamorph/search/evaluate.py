@@ -25,18 +25,25 @@ from metamorph.search.spaces import DecompositionSpace, MetamorphSpace, PruningS
 
 
 @torch.no_grad()
-def top1(logits_fn, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> float:
-    """Top-1 accuracy in percent of ``logits_fn`` over ``(x, y)`` in batches."""
+def top1(logits_fn, x: torch.Tensor, y: torch.Tensor, batch_size: int, device=None) -> float:
+    """Top-1 accuracy in percent of ``logits_fn`` over ``(x, y)`` in batches; batches are moved
+    to ``device`` (default: where ``x`` is)."""
     correct = 0
     for i in range(0, len(y), batch_size):
-        correct += (
-            (logits_fn(x[i : i + batch_size]).argmax(1) == y[i : i + batch_size]).sum().item()
-        )
+        xb, yb = x[i : i + batch_size], y[i : i + batch_size]
+        if device is not None:
+            xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
+        correct += (logits_fn(xb).argmax(1) == yb).sum().item()
     return 100.0 * correct / max(1, len(y))
 
 
 class Evaluator:
-    """Accuracy (%) of a genotype's network on fixed search images, and its analytic FLOPs."""
+    """Accuracy (%) of a genotype's network on fixed search images, and its analytic FLOPs.
+
+    ``device`` ("cpu", "cuda", "cuda:1") is where the working network and the search images live
+    once :meth:`setup` runs (in each worker process); the pickled state stays on the CPU."""
+
+    device: str = "cpu"
 
     def __init__(self, space: Space, x: torch.Tensor, y: torch.Tensor, batch_size: int = 500):
         self.space = space
@@ -47,6 +54,12 @@ class Evaluator:
 
     # working state is rebuilt in each process
     _transient: tuple[str, ...] = ("_ready",)
+
+    def to(self, device: str | torch.device) -> Evaluator:
+        """Evaluate on ``device`` from the next :meth:`setup` on (call before the search)."""
+        self.device = str(device)
+        self._ready = False
+        return self
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
@@ -65,7 +78,11 @@ class Evaluator:
         if not self._ready:
             self.setup()
         return top1(
-            self._logits_fn(np.asarray(g, dtype=np.float64)), self.x, self.y, self.batch_size
+            self._logits_fn(np.asarray(g, dtype=np.float64)),
+            self.x,
+            self.y,
+            self.batch_size,
+            None if self.device == "cpu" else self.device,
         )
 
     def evaluate(self, g: np.ndarray) -> tuple[float, int]:
@@ -79,7 +96,7 @@ class Evaluator:
 class DecompositionEvaluator(Evaluator):
     """Swaps each conv of a working copy for its cached Tucker-2 layer at the genotype's ranks."""
 
-    _transient = ("_ready", "_work")
+    _transient = ("_ready", "_work", "_on_device")
 
     def __init__(
         self,
@@ -96,18 +113,31 @@ class DecompositionEvaluator(Evaluator):
         self.cache = TuckerCache(self.model, space.layers, iters)
 
     def setup(self) -> None:
-        self._work = copy.deepcopy(self.model).eval()
+        self._work = copy.deepcopy(self.model).eval().to(self.device)
+        self._on_device: dict[tuple[str, int, int], nn.Module] = {}
         self._ready = True
 
     def layer(self, name: str, r_in: int, r_out: int) -> nn.Module:
+        """The (CPU) layer of ``name`` at ranks ``(r_in, r_out)``: the original conv at full rank."""
         c_in, c_out = self.space.channels[name]
         if r_in == c_in and r_out == c_out:
             return self.cache.original(name)
         return self.cache.layer(name, r_in, r_out)
 
+    def _device_layer(self, name: str, r_in: int, r_out: int) -> nn.Module:
+        if self.device == "cpu":
+            return self.layer(name, r_in, r_out)
+        key = (name, int(r_in), int(r_out))
+        mod = self._on_device.get(key)
+        if mod is None:  # a device copy; the CPU cache (and the base network) stay untouched
+            mod = self._on_device[key] = copy.deepcopy(self.layer(name, r_in, r_out)).to(
+                self.device
+            )
+        return mod
+
     def _logits_fn(self, g):
         for name, (r_in, r_out) in self.space.decode(g).items():
-            set_submodule(self._work, name, self.layer(name, r_in, r_out))
+            set_submodule(self._work, name, self._device_layer(name, r_in, r_out))
         return self._work
 
     def build(self, g: np.ndarray) -> nn.Module:
@@ -136,7 +166,7 @@ class PruningEvaluator(Evaluator):
         self.model.requires_grad_(False)
 
     def setup(self) -> None:
-        self._work = copy.deepcopy(self.model).eval()
+        self._work = copy.deepcopy(self.model).eval().to(self.device)
         self._masks = ChannelMasks(self._work, self.space.blocks)
         self._ready = True
 
@@ -185,7 +215,7 @@ class MetamorphEvaluator(Evaluator):
             from metamorph.tasks.metamorph_train import load_metamorph_checkpoint
 
             self.module = load_metamorph_checkpoint(self.ckpt)
-        self.module.eval()
+        self.module.to(self.device).eval()
         self._ready = True
 
     @torch.no_grad()

@@ -186,16 +186,25 @@ def search_set(dm, split: str, n: int, seed: int) -> tuple[torch.Tensor, torch.T
     return dm.transform_batch(x), y
 
 
+def _device_of(model: nn.Module) -> torch.device:
+    p = next(model.parameters(), None)
+    return torch.device("cpu") if p is None else p.device
+
+
 def accuracy_on(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 500) -> float:
+    """Top-1 (%) of ``model`` on ``(x, y)``, run where the model lives."""
     model.eval()
-    return top1(model, x, y, batch_size)
+    return top1(model, x, y, batch_size, _device_of(model))
 
 
 @torch.no_grad()
 def test_accuracy(model: nn.Module, dm) -> float:
+    """Top-1 (%) on the test split (reporting only), run where the model lives."""
     model.eval()
+    device = _device_of(model)
     correct = total = 0
     for x, y in dm.normalized_batches("test"):
+        x, y = x.to(device), y.to(device)
         correct += (model(x).argmax(1) == y).sum().item()
         total += y.numel()
     return 100.0 * correct / max(1, total)
@@ -351,11 +360,15 @@ def run_pipeline(
     metamorph_module=None,
     seed: int = 0,
     log: Log = print,
+    device: str | torch.device = "cpu",
 ) -> dict:
     """Run the configured search; ``base_model`` for ``method=genecai``, ``metamorph_ckpt``
     (and optionally the loaded module) for ``method=metamorph``. ``dm`` is a set-up
-    :class:`~metamorph.data.CIFARDataModule` normalised like the network."""
+    :class:`~metamorph.data.CIFARDataModule` normalised like the network. Candidate evaluation,
+    fine-tuning and test accuracy run on ``device``; saliency, FLOPs, latency and the saved model
+    files stay on the CPU."""
     t0 = time.time()
+    device = torch.device(device)
     out = Path(out_dir)
     (out / "models").mkdir(parents=True, exist_ok=True)
     xs, ys = search_set(dm, cfg.search_split, cfg.search_images, seed)
@@ -380,7 +393,7 @@ def run_pipeline(
         space = MetamorphSpace(net, m.min_ratio, m.max_ratio, m.depth)
         ev = MetamorphEvaluator(
             space, xs, ys, bs, ckpt=metamorph_ckpt, module=metamorph_module, k=m.k, seed=m.seed
-        )
+        ).to(device)
         original = ev.build(space.identity())
         pr = search_phase(space, ev, cfg, m.acc_drop, seed, log)
         phases.append(pr)
@@ -397,13 +410,13 @@ def run_pipeline(
             if phase == "decompose":
                 d = cfg.decompose
                 space = DecompositionSpace(current, d.bins, d.exclude_stem)
-                ev = DecompositionEvaluator(current, space, xs, ys, bs, d.hooi_iters)
+                ev = DecompositionEvaluator(current, space, xs, ys, bs, d.hooi_iters).to(device)
                 pr = search_phase(space, ev, cfg, d.acc_drop, seed, log)
             else:
                 p = cfg.prune
                 order = channel_order(channel_saliency(current, xs, ys, p.criterion))
                 space = PruningSpace(current, order)
-                ev = PruningEvaluator(current, space, xs, ys, bs)
+                ev = PruningEvaluator(current, space, xs, ys, bs).to(device)
                 pr = search_phase(space, ev, cfg, p.acc_drop, seed + i, log)
             phases.append(pr)
             log(
@@ -414,10 +427,11 @@ def run_pipeline(
                 builder = ev.build
                 break
             rec = pick_carry(pr, cfg.decompose.pick)
-            net = ev.build(np.array(rec.genotype))
+            net = ev.build(np.array(rec.genotype)).to(device)
             acc_before = rec.acc
             ft = finetune(net, dm, cfg.finetune, seed) if cfg.final.finetune else {"steps": 0}
             acc_after = accuracy_on(net, xs, ys, bs)
+            net = net.cpu()
             carried.append(
                 {
                     "phase": phase,
@@ -438,6 +452,7 @@ def run_pipeline(
 
     # ---------------------------------------------------------------- base and CSVs
     base_flops = model_flops(ref_model)
+    ref_model.to(device)
     base = {
         "acc": accuracy_on(ref_model, xs, ys, bs),
         "flops": base_flops,
@@ -445,6 +460,7 @@ def run_pipeline(
     }
     if cfg.final.report_test:
         base["test_acc"] = test_accuracy(ref_model, dm)
+    ref_model.cpu()
     base["latency_ms"] = _latency(ref_model, cfg)
     files: dict = {}
     for pr in phases:
@@ -460,7 +476,7 @@ def run_pipeline(
     finals: list[dict] = []
     for j, rec in enumerate(chosen):
         g = np.array(rec.genotype)
-        net = builder(g)
+        net = builder(g).to(device)
         ft = finetune(net, dm, cfg.finetune, seed + 100 + j) if cfg.final.finetune else {"steps": 0}
         flops = model_flops(net)
         row = {
@@ -476,6 +492,7 @@ def run_pipeline(
         }
         if cfg.final.report_test:
             row["test_acc"] = round(test_accuracy(net, dm), 4)
+        net = net.cpu()
         row["latency_ms"] = _latency(net, cfg)
         meta = {
             "source": "metamorph-search",
@@ -503,6 +520,7 @@ def run_pipeline(
             net, rate, reached = uniform_l1_baseline(
                 ref_model, f["flops"], cfg.baseline.criterion, xs, ys
             )
+            net = net.to(device)
             acc_before = accuracy_on(net, xs, ys, bs)
             ft = (
                 finetune(net, dm, cfg.finetune, seed + 200 + j)
@@ -524,6 +542,7 @@ def run_pipeline(
             }
             if cfg.final.report_test:
                 row["test_acc"] = round(test_accuracy(net, dm), 4)
+            net = net.cpu()
             row["latency_ms"] = _latency(net, cfg)
             row["model_file"] = str(
                 save_compressed(

@@ -161,7 +161,8 @@ class ChannelMasks:
             if idx is None or len(idx) == c:
                 self.masks[b] = None
                 continue
-            m = torch.zeros(c, dtype=self.model.fc.weight.dtype)
+            w = self.model.fc.weight
+            m = torch.zeros(c, dtype=w.dtype, device=w.device)
             m[idx] = 1.0
             self.masks[b] = m.view(1, -1, 1, 1)
 
