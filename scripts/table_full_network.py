@@ -64,7 +64,10 @@ SEEN_GAMMAS = ("g0.25", "g0.5")
 UNSEEN_GAMMAS = ("g0.625", "g0.75")
 
 
-def metamorph_cells(label: str, path: str, dm, bs: int, k: int | None) -> dict:
+def metamorph_cells(label: str, path: str, dm, bs: int, k: int | None, calibrate: int = 0) -> dict:
+    """Test accuracy of a metamorphic checkpoint at every column's shape; with ``calibrate`` > 0,
+    of each shape's network after statistics calibration on that many training images."""
+    from metamorph.export.sample import calibration_images, materialize, prepared_stats
     from metamorph.hypernet.evaluate import sweep_points
     from metamorph.tasks.metamorph_train import load_metamorph_checkpoint
 
@@ -76,13 +79,21 @@ def metamorph_cells(label: str, path: str, dm, bs: int, k: int | None) -> dict:
     gammas = [v for _, _, kind, v in COLUMNS if kind == "gamma"]
     depths = [v for _, _, kind, v in COLUMNS if kind == "depth" and v in net.spec.depth_choices]
     above = [v for _, _, kind, v in COLUMNS if kind == "above"]
+    calib = calibration_images(dm, calibrate) if calibrate else None
+    ref = None if calib is None else prepared_stats(net, calib)
     cells = {}
     for pt in sweep_points(net, gammas, depths, above):
-        emitted = module.emit_eval(pt.hidden, k=k)
-        acc = t2.accuracy(lambda x, h=pt.hidden, e=emitted: net(x, h, e), batches)
+        if calib is None:
+            emitted = module.emit_eval(pt.hidden, k=k)
+            acc = t2.accuracy(lambda x, h=pt.hidden, e=emitted: net(x, h, e), batches)
+        else:
+            acc = t2.accuracy(materialize(module, pt.hidden, k, 0, calib, ref), batches)
         key = pt.label.replace("depth", "d")
         cells[key] = {"acc": acc, "seen": pt.seen, "hidden": pt.hidden}
-    return {"method": label, "source": path, "note": f"EMA, K={k}", "cells": cells}
+    note = f"EMA, K={k}" + (
+        f", statistics calibrated on {calibrate} train images" if calib is not None else ""
+    )
+    return {"method": label, "source": path, "note": note, "cells": cells}
 
 
 def plain_row(method: str, models: dict[str, str], dm, bs: int, note: str = "") -> dict:
@@ -227,6 +238,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--base", help="the fine-tuned base network (.json)")
     ap.add_argument("--metamorph", nargs="*", default=[], metavar="LABEL=CKPT")
     ap.add_argument("--k", type=int, default=None, help="K for the metamorphic rows (default 1)")
+    ap.add_argument("--calibrate", type=int, default=0,
+                    help="also add each metamorphic row with statistics calibration on N train images")  # fmt: skip
     ap.add_argument("--individual", nargs="*", default=[], metavar="KEY=PATH",
                     help="KEY: a gamma (0.25, 0.5, 0.625, 0.75) or d2 / d1")  # fmt: skip
     ap.add_argument("--slimmable", help="slimmable.ckpt of task=slimmable over all blocks")
@@ -252,6 +265,12 @@ def main(argv: list[str] | None = None) -> dict:
     for label, path in t2._kv(a.metamorph, "--metamorph").items():
         if t2._exists(path):
             metas.append(metamorph_cells(label, path, dm, a.batch_size, k))
+            if a.calibrate:
+                metas.append(
+                    metamorph_cells(
+                        f"{label} + calibration", path, dm, a.batch_size, k, a.calibrate
+                    )
+                )
         else:
             metas.append({"method": label, "note": f"missing {path}", "cells": {}})
     rows += metas

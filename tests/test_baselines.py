@@ -573,7 +573,7 @@ def test_full_network_table_script_on_tiny_inputs(
             "--individual", f"0.5={individual_run['summary']['exported']}", f"0.75={tmp_path / 'no.json'}",
             "--slimmable", slim_run["summary"]["checkpoint"],
             "--data-root", "embedded:cifar10-mini", "--test-subset", "30", "--batch-size", "16",
-            "--out", str(out),
+            "--calibrate", "32", "--out", str(out),
         ]
     )  # fmt: skip
     for f in ("table.csv", "table.md", "table.png", "pruning_l1.csv"):
@@ -581,6 +581,7 @@ def test_full_network_table_script_on_tiny_inputs(
     t = s["table"]
     cols = ("g0", "g0.25", "g0.5", "g0.625", "g0.75", "d2", "d1", "x1.25")
     assert all(t[f"tiny-full@{c}"] is not None for c in cols)
+    assert all(t[f"tiny-full + calibration@{c}"] is not None for c in cols)
     assert all(t[f"absent@{c}"] is None for c in cols)
     assert t["Base network@g0"] is not None and t["Individually fine-tuned@g0.5"] is not None
     assert t["Individually fine-tuned@g0.75"] is None

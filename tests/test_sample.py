@@ -7,6 +7,7 @@ INR hidden=16 layers=2 freqs=4) is trained for two steps through Lightning and s
 
 from __future__ import annotations
 
+import copy
 import csv
 import json
 import os
@@ -572,3 +573,37 @@ def test_metamorphic_eval_rejects_bad_baseline_without_files(ckpt, tmp_path):
             )
         )
     assert files_in(out) == []
+
+
+def test_calibrated_sample_and_sweep(ckpt, module, tmp_path):
+    from metamorph.export.sample import calibrate_emitted, prepared_stats
+
+    out = tmp_path / "models" / "cal"
+    s = sample.run(
+        sample_cfg(tmp_path, f"ckpt={ckpt}", "gamma=0.5", f"out={out}", "k=1", "calibrate=16")
+    )
+    model = metamorph.load(s["model"])
+    assert model.meta["calibrated_on"] == 16
+    plain = materialize(module, module.net.shape_for_gamma(0.5), k=1)
+    x = x_batch()
+    with torch.no_grad():
+        assert not torch.allclose(model(x), plain(x), atol=1e-4)  # calibration changed it
+    # the prepared network is its own fixed point
+    prepared = module.net.prepared_network()
+    xs = x_batch(16, seed=5)
+    before = copy.deepcopy(prepared)
+    calibrate_emitted(prepared, module.net, xs, prepared_stats(module.net, xs))
+    with torch.no_grad():
+        torch.testing.assert_close(prepared(x), before(x), rtol=1e-4, atol=1e-4)
+    sw = tmp_path / "sweep_cal"
+    r = evaluate.run(
+        _eval_cfg(
+            tmp_path, f"src={ckpt}", f"out_dir={sw}", "sweep.gammas=[0,0.5]", "sweep.calibrate=16"
+        )
+    )
+    assert [p["label"] for p in r["points"]] == ["g0", "g0.5"]
+    assert "calibrated on 16 train images" in (sw / "sweep.md").read_text()
+    with pytest.raises(ValueError, match="calibrate=-1"):
+        evaluate.run(
+            _eval_cfg(tmp_path, f"src={ckpt}", f"out_dir={tmp_path / 'x'}", "sweep.calibrate=-1")
+        )

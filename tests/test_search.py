@@ -639,3 +639,48 @@ def test_a_dead_channel_is_pruned_first(data, criterion):
     if criterion == "taylor":
         assert sal["layer2.1"][5] == 0.0
     assert channel_order(sal)["layer2.1"][0] == 5
+
+
+def test_baselines_script_matches_the_pipeline_baseline(data, tmp_path, monkeypatch):
+    """scripts/genecai_baselines.py rebuilds the pipeline's uniform-L1 baseline for a saved front
+    model: at most the front's FLOPs, the same pruning rate, written as a loadable model."""
+    import importlib.util
+
+    from metamorph.search.pipeline import search_set, uniform_l1_baseline
+
+    monkeypatch.setenv("METAMORPH_CACHE", str(tmp_path / "cache"))
+    base = tiny_net("A")
+    save_model(base, tmp_path / "base")
+    space = PruningSpace(base, channel_order(channel_saliency(base, *data, "l1")))
+    front = prune_physical(base, space.keep(space.repair(np.full(space.n_var, 0.5))))
+    save_compressed(front, tmp_path / "front_0")
+    spec = importlib.util.spec_from_file_location(
+        "genecai_baselines",
+        Path(__file__).resolve().parents[1] / "scripts" / "genecai_baselines.py",
+    )
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = tmp_path / "gb"
+    s = mod.main(
+        [
+            "--front", str(tmp_path / "front_0.json"), "--device", "cpu", "--threads", "1",
+            "--out", str(out), "--",
+            f"base={tmp_path / 'base.json'}", f"paths.root_dir={tmp_path}", *SEARCH_TINY,
+        ]
+    )  # fmt: skip
+    row = s["baselines"][0]
+    assert row["flops"] <= row["front_flops"] == model_flops(front)
+    assert row["finetune_steps"] == 1 and 0 <= row["test_acc"] <= 100
+    m = metamorph.load(out / "models" / "baseline_0.json")
+    assert count_flops(m) == row["flops"]
+    # the same rate as the pipeline's own baseline construction on the same search set
+    from metamorph.cli.common import build_datamodule
+
+    cfg = _compose(
+        "search", tmp_path, tmp_path / "o", [f"base={tmp_path / 'base.json'}", *SEARCH_TINY]
+    )
+    dm = build_datamodule(cfg.data, mean=base.arch.mean, std=base.arch.std, seed=0)
+    dm.setup("fit")
+    xs, ys = search_set(dm, "val", 20, 0)
+    _, rate, _ = uniform_l1_baseline(base, row["front_flops"], "l1", xs, ys)
+    assert rate == pytest.approx(row["rate"])

@@ -77,7 +77,7 @@ def is_metamorphic_checkpoint(path: str | Path) -> bool:
 def run_metamorphic(cfg: DictConfig, log=print) -> dict:
     """Sweep a metamorphic checkpoint over ``sweep.gammas`` / ``sweep.depths`` on ``split``."""
     from metamorph.export.outputs import StagedOutputs, check_output_dir
-    from metamorph.export.sample import load_metamorphic
+    from metamorph.export.sample import calibration_images, load_metamorphic
     from metamorph.export.sweep import read_baselines, run_sweep, trained_gamma_range, write_outputs
 
     t0 = time.time()
@@ -89,11 +89,13 @@ def run_metamorphic(cfg: DictConfig, log=print) -> dict:
     net = module.net
     arch = net.base_arch
     dm = build_datamodule(cfg.data, mean=arch.mean, std=arch.std, seed=cfg.seed)
-    dm.setup("test" if cfg.split == "test" else "fit")
+    n_calib = int(sw.get("calibrate") or 0)
+    dm.setup("test" if cfg.split == "test" and n_calib == 0 else "fit")
     if dm.num_classes != arch.num_classes:
         raise ValueError(
             f"model has {arch.num_classes} classes but {cfg.data.name} has {dm.num_classes}"
         )
+    calib = calibration_images(dm, n_calib, int(cfg.seed))
     device = resolve_device(cfg.device)
     module.to(device)
     x, y = dm.split_tensors(cfg.split)
@@ -120,11 +122,13 @@ def run_metamorphic(cfg: DictConfig, log=print) -> dict:
         latency_threads=cfg.latency_threads,
         latency_min_run_time=float(sw.latency_min_run_time),
         log=log,
+        calibrate_images=calib,
     )
     trained = trained_gamma_range(net)
+    cal = "" if calib is None else f"; channel statistics calibrated on {len(calib)} train images"
     header = (
         f"Sweep of `{cfg.src}` on {cfg.data.name}/{cfg.split} ({len(y)} images; EMA INR, "
-        f"K={k}; trained ratios gamma in [{trained[0]:g}, {trained[1]:g}]; latency: batch "
+        f"K={k}{cal}; trained ratios gamma in [{trained[0]:g}, {trained[1]:g}]; latency: batch "
         f"{sw.latency_batch_size}, {cfg.latency_threads or torch.get_num_threads()} threads)"
     )
     with StagedOutputs(out_dir) as st:

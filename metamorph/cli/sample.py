@@ -29,6 +29,7 @@ from metamorph.export.formats import (
 from metamorph.export.outputs import StagedOutputs, check_output_dir
 from metamorph.export.sample import (
     Budget,
+    calibration_images,
     candidate_shapes,
     load_metamorphic,
     materialize,
@@ -178,7 +179,16 @@ def run(cfg: DictConfig, log=print) -> dict:
             else cfg.depth,
         )
 
-    model = materialize(module, hidden, k=k, seed=seed)
+    n_calib = int(cfg.get("calibrate") or 0)
+    calib = None
+    if n_calib:
+        if chosen is None:
+            dm = build_datamodule(
+                cfg.data, mean=net.base_arch.mean, std=net.base_arch.std, seed=int(cfg.seed)
+            )
+            dm.setup("fit")
+        calib = calibration_images(dm, n_calib, seed)
+    model = materialize(module, hidden, k=k, seed=seed, calibrate_images=calib)
     params, flops = count_params(model), count_flops(model)
     gamma = net.gamma_of(hidden)
     seen = is_seen(net, hidden)
@@ -192,6 +202,7 @@ def run(cfg: DictConfig, log=print) -> dict:
         "seen": seen,
         "ema": module.ema is not None,
         "target": target,
+        "calibrated_on": 0 if calib is None else len(calib),
     }
     if target == "gamma":
         meta["requested_gamma"] = float(cfg.gamma)

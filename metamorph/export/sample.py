@@ -177,16 +177,48 @@ def shape_for_target(
 
 
 @torch.no_grad()
-def materialize(module, hidden: Shape, k: int | None = None, seed: int = 0) -> CifarResNet:
+def materialize(
+    module,
+    hidden: Shape,
+    k: int | None = None,
+    seed: int = 0,
+    calibrate_images: torch.Tensor | None = None,
+    reference_stats: dict | None = None,
+) -> CifarResNet:
     """A standalone plain network at ``hidden`` from the evaluation emission of ``module``
-    (EMA weights, K-sample averaged: :meth:`MetamorphModule.emit_eval`)."""
+    (EMA weights, K-sample averaged: :meth:`MetamorphModule.emit_eval`).
+
+    With ``calibrate_images`` (normalized training images), each conv output channel is
+    calibrated to the prepared network's statistics (:func:`calibrate_emitted`)."""
     net: MetaResNet = module.net
     net.check_shape(hidden)
     emitted = module.emit_eval(hidden, k=k, seed=seed)
     model = CifarResNet(net.arch_for(hidden))
     state = {n: t.detach().cpu().clone() for n, t in net.params_for(hidden, emitted).items()}
     model.load_state_dict(state)
-    return model.eval()
+    model.eval()
+    if calibrate_images is not None:
+        calibrate_emitted(model, net, calibrate_images, reference_stats)
+    return model
+
+
+def prepared_stats(net: MetaResNet, images: torch.Tensor) -> dict:
+    """Per-channel conv statistics of ``net``'s prepared full network on ``images`` (CPU)."""
+    from metamorph.models.calibrate import channel_stats
+
+    return channel_stats(net.prepared_network(), images.cpu())
+
+
+def calibrate_emitted(
+    model: CifarResNet, net: MetaResNet, images: torch.Tensor, reference_stats: dict | None = None
+) -> dict:
+    """Calibrate a materialized network in place to the prepared network's channel statistics
+    (:func:`metamorph.models.calibrate.match_channel_stats`); ``reference_stats`` caches
+    :func:`prepared_stats` across shapes."""
+    from metamorph.models.calibrate import match_channel_stats
+
+    ref = reference_stats if reference_stats is not None else prepared_stats(net, images)
+    return match_channel_stats(model, ref, images.to(next(model.parameters()).device))
 
 
 def shape_flops(net: MetaResNet, hidden: Shape) -> int:
@@ -439,3 +471,15 @@ def val_batches(dm, split: str, n: int, seed: int = 0, batch_size: int | None = 
             f"the {split} split is empty; choose another split or a larger data.val_size"
         )
     return list(dm.normalized_batches((x, y), batch_size=batch_size, device=device))
+
+
+def calibration_images(dm, n: int, seed: int = 0) -> torch.Tensor | None:
+    """``n`` seeded, normalized images of the train split for statistics calibration (None: 0)."""
+    if n < 0:
+        raise ValueError(f"calibrate={n} must be 0 (off) or a number of training images")
+    if n == 0:
+        return None
+    x, _ = dm.subset("train", n, seed=seed)
+    if len(x) == 0:
+        raise ValueError("calibration needs training images, but the train split is empty")
+    return dm.transform_batch(x)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from metamorph.export.sample import shape_flops, shape_latency_ms
+from metamorph.export.sample import materialize, prepared_stats, shape_flops, shape_latency_ms
 from metamorph.hypernet.evaluate import (
     SweepPoint,
     accuracy_at,
@@ -154,7 +154,11 @@ def run_sweep(
     latency_threads: int | None = None,
     latency_min_run_time: float = 0.2,
     log=None,
+    calibrate_images: torch.Tensor | None = None,
 ) -> list[Row]:
+    """Accuracy (and cost) of every sweep shape on ``batches``. With ``calibrate_images``
+    (normalized training images), each shape's network is materialized and its conv channel
+    statistics calibrated to the prepared network's before it is evaluated."""
     net: MetaResNet = module.net
     for g in gammas:
         if not (isinstance(g, (int, float)) and 0.0 <= float(g) < 1.0):
@@ -172,9 +176,14 @@ def run_sweep(
     for p in pts:
         net.check_shape(p.hidden)
     rows = []
+    ref_stats = None if calibrate_images is None else prepared_stats(net, calibrate_images)
     for p in pts:
-        emitted = module.emit_eval(p.hidden, k=k, seed=seed)
-        p.acc = accuracy_at(net, emitted, p.hidden, batches)
+        if calibrate_images is None:
+            emitted = module.emit_eval(p.hidden, k=k, seed=seed)
+            p.acc = accuracy_at(net, emitted, p.hidden, batches)
+        else:
+            model = materialize(module, p.hidden, k, seed, calibrate_images, ref_stats)
+            p.acc = standalone_accuracy(model, batches)
         p.params = count_shape_params(net, p.hidden)
         row = Row(p, flops=shape_flops(net, p.hidden))
         if latency:
@@ -189,6 +198,17 @@ def run_sweep(
             )
         rows.append(row)
     return rows
+
+
+@torch.no_grad()
+def standalone_accuracy(model: torch.nn.Module, batches) -> float:
+    """Top-1 (%) of a plain network on ``(x, y)`` batches (moved to the batches' device)."""
+    correct = total = 0
+    for x, y in batches:
+        model = model.to(x.device)
+        correct += (model(x).argmax(1) == y).sum().item()
+        total += y.numel()
+    return 100.0 * correct / max(1, total)
 
 
 def write_csv(rows: list[Row], path: Path) -> None:

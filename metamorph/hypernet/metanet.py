@@ -137,6 +137,14 @@ class MetaResNet(nn.Module):
     def base_tensor(self, name: str) -> torch.Tensor:
         return getattr(self, "base__" + name.replace(".", "__"))
 
+    @torch.no_grad()
+    def prepared_network(self) -> CifarResNet:
+        """The frozen prepared (folded, permuted) pretrained network as a standalone module: the
+        reference of statistics calibration (:mod:`metamorph.models.calibrate`)."""
+        net = CifarResNet(copy.deepcopy(self.base_arch))
+        net.load_state_dict({k: self.base_tensor(k).detach().cpu().clone() for k in self.base_keys})
+        return net.eval()
+
     def full_width(self, block: str) -> int:
         s, b = block.removeprefix("layer").split(".")
         return self.base_arch.hidden[int(s) - 1][int(b)]
