@@ -688,12 +688,14 @@ def test_sampler_depth_choices_and_bad_mode():
 @pytest.mark.parametrize("coords", ["relative", "absolute"])
 @pytest.mark.parametrize("freqs", [0, 3, 8])
 @pytest.mark.parametrize("scale", [1.0, 0.6, 1.5])
-def test_noise_free_grid_emission_equals_the_per_query_path(freqs, scale, coords):
+@pytest.mark.parametrize("chunk", [1024, 7])
+def test_noise_free_grid_emission_equals_the_per_query_path(freqs, scale, coords, chunk):
     """The outer-sum input layer (noise-free emissions) gives the per-query MLP's values, with
-    and without autograd (the no-grad trunk runs in place)."""
+    and without autograd (the no-grad trunk runs in place), whole or in row blocks."""
     base = folded_resnet20(stage_widths=[4, 8, 8])
     inr = INRConfig(hidden=16, layers=3, freqs=freqs, coords=coords)
     net = MetaResNet(base, MetaSpec(blocks=["all"]), inr)
+    net.inr.grid_chunk = chunk
     torch.manual_seed(1)
     for p in net.inr.parameters():
         p.data.normal_(0, 0.3)
