@@ -86,3 +86,32 @@ def test_unfolded_network_is_a_clear_error():
     ref = fold_batchnorm(copy.deepcopy(net))
     with pytest.raises(ValueError, match="at least one image"):
         match_channel_stats(ref, channel_stats(ref, images(4)), images(0))
+
+
+def test_index_maps_match_each_channel_to_its_mapped_reference_channel(randomize_bn):
+    from metamorph.models.calibrate import relative_index_map
+
+    assert relative_index_map(4, 16).tolist() == [0, 4, 8, 12]
+    assert relative_index_map(3, 8).tolist() == [0, 2, 5]
+    assert relative_index_map(8, 4).tolist() == [0, 0, 1, 1, 2, 2, 3, 3]  # wider than the reference
+    ref = folded_net(randomize_bn)
+    arch = copy.deepcopy(ref.arch)
+    arch.hidden = [[8, 8, 8], [12, 12, 12], [16, 16, 4]]
+    narrow = CifarResNet(arch).eval()
+    state = ref.state_dict()
+    narrow.load_state_dict(
+        {
+            k: state[k][tuple(slice(0, n) for n in v.shape)].clone()
+            for k, v in narrow.state_dict().items()
+        }
+    )
+    x = images()
+    ref_stats = channel_stats(ref, x)
+    idx = relative_index_map(4, 16)
+    match_channel_stats(narrow, ref_stats, x, index_maps={"layer3.2.conv1": idx})
+    got = channel_stats(narrow, x)["layer3.2.conv1"]
+    torch.testing.assert_close(
+        got.mean, ref_stats["layer3.2.conv1"].mean[idx], atol=1e-3, rtol=1e-3
+    )
+    with pytest.raises(ValueError, match="outside"):
+        match_channel_stats(narrow, ref_stats, x, index_maps={"layer3.2.conv1": torch.tensor([99])})

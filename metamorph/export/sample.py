@@ -215,10 +215,20 @@ def calibrate_emitted(
     """Calibrate a materialized network in place to the prepared network's channel statistics
     (:func:`metamorph.models.calibrate.match_channel_stats`); ``reference_stats`` caches
     :func:`prepared_stats` across shapes."""
-    from metamorph.models.calibrate import match_channel_stats
+    from metamorph.models.calibrate import match_channel_stats, relative_index_map
 
     ref = reference_stats if reference_stats is not None else prepared_stats(net, images)
-    return match_channel_stats(model, ref, images.to(next(model.parameters()).device))
+    maps = {}
+    if net.inr.cfg.coords == "relative" and not net.spec.anchor:
+        # a hidden channel j of width d sits at the coordinate of pretrained channel j * D / d
+        for blk in net.meta_blocks:
+            name = f"{blk}.conv1"
+            if any(n == name for n, _ in model.named_modules()):
+                d = model.get_submodule(name).out_channels
+                maps[name] = relative_index_map(d, net.full_width(blk))
+    return match_channel_stats(
+        model, ref, images.to(next(model.parameters()).device), index_maps=maps
+    )
 
 
 def shape_flops(net: MetaResNet, hidden: Shape) -> int:

@@ -8,12 +8,13 @@ its mean and standard deviation over a few calibration images equal those of the
 the same-named convolution* of a reference network (the prepared full network). The change is
 folded into the conv's weight and bias, so the result is again a plain network.
 
-Channel correspondence: channel ``j`` of a conv is matched to channel ``j`` of the reference conv
-of the same name. That holds exactly for the anchored INR (the first ``d`` hidden channels of the
-importance-ordered prepared network) and for absolute coordinates; with NeuMeta's relative
-coordinates channel ``j`` of width ``d`` sits near reference channel ``j * D / d``, so the match is
-approximate there. Channels beyond the reference's width (widths above the pretrained one) and
-convs missing from the reference are left unchanged.
+Channel correspondence: by default channel ``j`` of a conv is matched to channel ``j`` of the
+reference conv of the same name, which is exact for the anchored INR (the first ``d`` hidden
+channels of the importance-ordered prepared network) and for absolute coordinates. ``index_maps``
+overrides it per conv: with NeuMeta's relative coordinates channel ``j`` of width ``d`` sits at the
+coordinate of reference channel ``floor(j * D / d)`` (:func:`relative_index_map`). Channels beyond
+the reference's width (widths above the pretrained one) and convs missing from the reference are
+left unchanged.
 """
 
 from __future__ import annotations
@@ -81,6 +82,22 @@ def channel_stats(
     return out
 
 
+def relative_index_map(width: int, ref_width: int) -> torch.Tensor:
+    """Reference channel of each of ``width`` channels under relative coordinates (r / d)."""
+    return (torch.arange(width, dtype=torch.float64) * ref_width / width).floor().long()
+
+
+def remap(reference: dict[str, ChannelStats], index_maps: dict[str, torch.Tensor]) -> dict:
+    """``reference`` with the channels of the convs in ``index_maps`` re-indexed."""
+    out = dict(reference)
+    for name, idx in index_maps.items():
+        st = reference[name]
+        if int(idx.max()) >= st.mean.numel() or int(idx.min()) < 0:
+            raise ValueError(f"index map of {name} points outside its {st.mean.numel()} channels")
+        out[name] = ChannelStats(st.mean[idx], st.std[idx])
+    return out
+
+
 @torch.no_grad()
 def match_channel_stats(
     model: nn.Module,
@@ -88,6 +105,7 @@ def match_channel_stats(
     images: torch.Tensor,
     eps: float = 1e-5,
     max_scale: float = 10.0,
+    index_maps: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, float]:
     """Calibrate ``model`` in place to the ``reference`` statistics (see the module docstring).
 
@@ -99,6 +117,8 @@ def match_channel_stats(
     convs = _biased_convs(model)
     if len(images) == 0:
         raise ValueError("statistics calibration needs at least one image")
+    if index_maps:
+        reference = remap(reference, index_maps)
     log_scales, shifts = [], []
 
     def hook(name, conv):
