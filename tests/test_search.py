@@ -503,6 +503,23 @@ def test_cli_metamorph_pipeline(mm_ckpt, tmp_path, monkeypatch):
         m = metamorph.load(f["model_file"])
         assert count_flops(m) == f["flops"]
         assert f["search_acc"] == pytest.approx(f["search_acc_ft"])  # not fine-tuned
+    # the built-in baseline is the checkpoint's own uniform-ratio shape at matching FLOPs
+    from metamorph.export.sample import materialize
+    from metamorph.tasks.metamorph_train import load_metamorph_checkpoint
+
+    module = load_metamorph_checkpoint(mm_ckpt)
+    assert len(s["baseline"]) == len(s["front"])
+    for b, f in zip(s["baseline"], s["front"]):
+        assert b["kind"] == "uniform_gamma" and (
+            b["flops"] <= f["flops"] or not b["target_reached"]
+        )
+        m = metamorph.load(b["model_file"])
+        hidden = module.net.shape_for_gamma(b["rate"])
+        assert m.arch.hidden == hidden and count_flops(m) == b["flops"]
+        ref = materialize(module, hidden, k=1)
+        x = torch.randn(2, 3, 32, 32)
+        with torch.no_grad():
+            torch.testing.assert_close(m(x), ref(x))
 
 
 def test_cli_config_errors(tmp_path):
@@ -517,6 +534,7 @@ def test_cli_config_errors(tmp_path):
         ("+search.pop_sise=3", "pop_sise"),
         ("search.algorithm=random", "algorithm"),
         ("search.phases=[prune,decompose]", "phases"),
+        ("search.baseline.kind=uniform_gamma", "method=metamorph"),
     ]:
         cfg = _compose("search", tmp_path, tmp_path / "o", [f"base={tmp_path / 'base.json'}", bad])
         with pytest.raises(ValueError, match=match):

@@ -58,7 +58,10 @@ class FinalConfig:
 
 @dataclass
 class BaselineConfig:
-    enabled: bool = True  # uniform L1 pruning of the original network at matching FLOPs
+    enabled: bool = True  # a uniform baseline at matching FLOPs for each final front point
+    # uniform_l1: uniform L1 pruning of the original (or emitted full-width) network;
+    # uniform_gamma (method=metamorph only): the checkpoint's own uniform-ratio shape, emitted
+    kind: str = "uniform_l1"
     criterion: str = "l1"
 
 
@@ -109,5 +112,12 @@ class SearchConfig:
             )
         if self.algorithm not in ("nsga2", "scalar"):
             raise ValueError(f"unknown search.algorithm={self.algorithm!r}; choose nsga2 or scalar")
+        if self.baseline.kind not in ("uniform_l1", "uniform_gamma"):
+            raise ValueError(
+                f"unknown search.baseline.kind={self.baseline.kind!r}; "
+                "choose uniform_l1 or uniform_gamma"
+            )
+        if self.baseline.kind == "uniform_gamma" and self.method != "metamorph":
+            raise ValueError("search.baseline.kind=uniform_gamma needs search.method=metamorph")
         if self.decompose.pick not in ("min_flops", "max_acc"):
             raise ValueError("search.decompose.pick must be min_flops or max_acc")

@@ -313,7 +313,8 @@ def plot_results(
             s=50,
             color="tab:red",
             zorder=6,
-            label="front points, fine-tuned",
+            label="front points"
+            + (", fine-tuned" if any(f["finetune_steps"] for f in finals) else ""),
         )
     if baselines:
         ax.scatter(
@@ -323,7 +324,12 @@ def plot_results(
             s=60,
             color="tab:blue",
             zorder=6,
-            label="uniform L1 pruning, fine-tuned",
+            label=(
+                "uniform ratio of the checkpoint"
+                if baselines[0].get("kind") == "uniform_gamma"
+                else "uniform L1 pruning"
+            )
+            + (", fine-tuned" if any(b["finetune_steps"] for b in baselines) else ""),
         )
     ax.set_xlabel("MFLOPs (forward, one 32x32 image; multiply-add = 2)")
     ax.set_ylabel("search-set accuracy (%)")
@@ -334,6 +340,24 @@ def plot_results(
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def uniform_gamma_baseline(
+    module, target_flops: int, k: int = 1, seed: int = 0, step: float = 1 / 64
+) -> tuple[nn.Module, float, bool]:
+    """The metamorphic checkpoint's own uniform shape (every metamorphic block at ratio gamma,
+    full depth) with the largest FLOPs ``<= target_flops``, emitted as a plain network; returns
+    (network, gamma, target reached)."""
+    from metamorph.export.sample import materialize, shape_flops
+
+    net = module.net
+    gammas = np.arange(0.0, 1.0, step)
+    chosen, reached = float(gammas[-1]), False
+    for g in gammas:  # ascending ratios -> descending FLOPs
+        if shape_flops(net, net.shape_for_gamma(float(g))) <= target_flops:
+            chosen, reached = float(g), True
+            break
+    return materialize(module, net.shape_for_gamma(chosen), k=k, seed=seed), chosen, reached
 
 
 # ------------------------------------------------------------------------------------------
@@ -517,9 +541,14 @@ def run_pipeline(
     baselines: list[dict] = []
     if cfg.baseline.enabled:
         for j, f in enumerate(finals):
-            net, rate, reached = uniform_l1_baseline(
-                ref_model, f["flops"], cfg.baseline.criterion, xs, ys
-            )
+            if cfg.baseline.kind == "uniform_gamma":
+                net, rate, reached = uniform_gamma_baseline(
+                    metamorph_module, f["flops"], cfg.metamorph.k, cfg.metamorph.seed
+                )
+            else:
+                net, rate, reached = uniform_l1_baseline(
+                    ref_model, f["flops"], cfg.baseline.criterion, xs, ys
+                )
             net = net.to(device)
             acc_before = accuracy_on(net, xs, ys, bs)
             ft = (
@@ -530,6 +559,7 @@ def run_pipeline(
             flops = model_flops(net)
             row = {
                 "name": f"baseline_{j}",
+                "kind": cfg.baseline.kind,
                 "matches": f["name"],
                 "rate": round(rate, 6),
                 "target_reached": reached,
@@ -546,7 +576,9 @@ def run_pipeline(
             row["latency_ms"] = _latency(net, cfg)
             row["model_file"] = str(
                 save_compressed(
-                    net, out / "models" / row["name"], meta={"source": "uniform-l1", **row}
+                    net,
+                    out / "models" / row["name"],
+                    meta={"source": cfg.baseline.kind.replace("_", "-"), **row},
                 )
             )
             baselines.append(row)
