@@ -272,6 +272,28 @@ def test_skipinit_strategy_starts_as_identity_and_alpha_is_shared(folded):
         apply_bn_strategy(folded, blocks, "keep_bn")
 
 
+def test_function_preserving_bn_init(folded):
+    """bn_init=preserve keeps the pretrained function (SkipInit alpha 1; learnable shortcut
+    s = sqrt 2 with conv2 x sqrt 2); the paper's init changes it; fixed scaling is refused."""
+    from metamorph.tasks.metamorph_train import apply_bn_strategy
+
+    blocks = ["layer1.0", "layer2.1", "layer3.2"]
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        ref = folded(x)
+        for strategy in ("skipinit", "learnable_shortcut"):
+            kept = apply_bn_strategy(folded, blocks, strategy, init="preserve")
+            torch.testing.assert_close(kept(x), ref, rtol=1e-5, atol=1e-5)
+            changed = apply_bn_strategy(folded, blocks, strategy)
+            assert (changed(x) - ref).abs().max() > 1e-3
+        # the pretrained tensors of the original are untouched
+        torch.testing.assert_close(folded(x), ref)
+    with pytest.raises(ValueError, match="scaled_shortcut"):
+        apply_bn_strategy(folded, blocks, "scaled_shortcut", init="preserve")
+    with pytest.raises(ValueError, match="bn_init"):
+        apply_bn_strategy(folded, blocks, "skipinit", init="zero")
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_random_shapes_run_with_declared_shapes_and_no_bn(folded, seed):
     net = MetaResNet(folded, MetaSpec(blocks=["all"], depth_choices=[1, 2, 3]), TINY)

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 
 import lightning as L
+import torch
 from omegaconf import DictConfig, OmegaConf
 
 from metamorph.callbacks.ratio_sweep import RatioSweep
@@ -114,13 +116,26 @@ def prepare_base(
 BN_STRATEGIES = ("fold", "skipinit", "scaled_shortcut", "learnable_shortcut")
 
 
-def apply_bn_strategy(model: CifarResNet, blocks: list[str], strategy: str) -> CifarResNet:
+def apply_bn_strategy(
+    model: CifarResNet, blocks: list[str], strategy: str, init: str = "paper"
+) -> CifarResNet:
     """Rebuild a folded network with the block variant ``strategy`` in ``blocks``.
 
     ``fold`` (NeuMeta) leaves the network as it is; the others are the BN-replacement strategies
     of Sommariva et al. (SkipInit alpha init 0, fixed or learnable shortcut scaling), applied to the
-    metamorphic blocks only. New scalars start at their init; every other tensor is kept.
+    metamorphic blocks only. ``init="paper"``: new scalars start at the paper's init (alpha 0,
+    shortcut scale 1), which changes a pretrained network's function (the folded fine-tuned
+    ResNet-20 falls to ~11% with every block converted); ``init="preserve"`` keeps the function:
+    SkipInit alpha 1, learnable shortcut s = sqrt(2) with conv2's weight and bias times sqrt(2)
+    (fixed shortcut scaling cannot be made function-preserving and is refused).
     """
+    if init not in ("paper", "preserve"):
+        raise ValueError(f"prepare.bn_init={init!r}; choose paper or preserve")
+    if init == "preserve" and strategy == "scaled_shortcut":
+        raise ValueError(
+            "prepare.bn_init=preserve cannot keep the function with scaled_shortcut (the fixed "
+            "sqrt(0.5) also scales the shortcut); use learnable_shortcut or bn_init=paper"
+        )
     if strategy not in BN_STRATEGIES:
         raise ValueError(
             f"prepare.bn_strategy={strategy!r}; choose one of {BN_STRATEGIES} (keeping BN inside "
@@ -138,6 +153,17 @@ def apply_bn_strategy(model: CifarResNet, blocks: list[str], strategy: str) -> C
         raise RuntimeError(
             f"bn_strategy rebuild mismatch: missing {missing}, unexpected {unexpected}"
         )
+    if init == "preserve":
+        with torch.no_grad():
+            for b in blocks:
+                blk = new.get_submodule(b)
+                if strategy == "skipinit":
+                    blk.alpha.fill_(1.0)
+                elif strategy == "learnable_shortcut":
+                    root2 = math.sqrt(2.0)
+                    blk.shortcut_scale.fill_(root2)
+                    blk.conv2.weight.mul_(root2)
+                    blk.conv2.bias.mul_(root2)
     return new.eval()
 
 
@@ -164,7 +190,9 @@ def run_metamorph(cfg: DictConfig) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     teacher = prepared if mcfg.loss.kd > 0 else None  # the prepared network, before any strategy
     scope = block_names(prepared.arch) if mcfg.spec.blocks in (["all"], "all") else mcfg.spec.blocks
-    prepared = apply_bn_strategy(prepared, list(scope), p.get("bn_strategy", "fold"))
+    prepared = apply_bn_strategy(
+        prepared, list(scope), p.get("bn_strategy", "fold"), p.get("bn_init", "paper")
+    )
     save_model(prepared, out_dir / "prepared", meta={"source": str(base_path), **prep_report})
     net = MetaResNet(prepared, mcfg.spec, mcfg.inr, shared=mcfg.shared)
     dm = build_datamodule(cfg.data, mean=prepared.arch.mean, std=prepared.arch.std, seed=cfg.seed)
