@@ -54,6 +54,7 @@ from metamorph.baselines.pruning import (  # noqa: E402
     run_curve,
     write_curve_csv,
 )
+from metamorph.hypernet.evaluate import batch_accuracy  # noqa: E402
 from metamorph.utils.profile import count_params  # noqa: E402
 
 GAMMAS = [0.0, 0.25, 0.5, 0.75]
@@ -86,13 +87,7 @@ def _gkey(g: float) -> float:
     return round(float(g), 6)
 
 
-@torch.no_grad()
-def accuracy(forward, batches) -> float:
-    correct = total = 0
-    for x, y in batches:
-        correct += int((forward(x).argmax(1) == y).sum())
-        total += len(y)
-    return 100.0 * correct / max(1, total)
+accuracy = batch_accuracy  # the table scripts' name for it
 
 
 def eval_plain(net, dm, bs: int) -> float:

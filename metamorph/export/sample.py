@@ -221,11 +221,11 @@ def calibrate_emitted(
     maps = {}
     if net.inr.cfg.coords == "relative" and not net.spec.anchor:
         # a hidden channel j of width d sits at the coordinate of pretrained channel j * D / d
+        modules = dict(model.named_modules())
         for blk in net.meta_blocks:
-            name = f"{blk}.conv1"
-            if any(n == name for n, _ in model.named_modules()):
-                d = model.get_submodule(name).out_channels
-                maps[name] = relative_index_map(d, net.full_width(blk))
+            conv = modules.get(f"{blk}.conv1")  # absent when the shape drops the block
+            if conv is not None:
+                maps[f"{blk}.conv1"] = relative_index_map(conv.out_channels, net.full_width(blk))
     return match_channel_stats(
         model, ref, images.to(next(model.parameters()).device), index_maps=maps
     )

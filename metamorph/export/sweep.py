@@ -21,6 +21,7 @@ from metamorph.export.sample import materialize, prepared_stats, shape_flops, sh
 from metamorph.hypernet.evaluate import (
     SweepPoint,
     accuracy_at,
+    batch_accuracy,
     count_shape_params,
     random_shapes,
     sweep_points,
@@ -183,7 +184,7 @@ def run_sweep(
             p.acc = accuracy_at(net, emitted, p.hidden, batches)
         else:
             model = materialize(module, p.hidden, k, seed, calibrate_images, ref_stats)
-            p.acc = standalone_accuracy(model, batches)
+            p.acc = batch_accuracy(model.to(batches[0][0].device), batches) if batches else 0.0
         p.params = count_shape_params(net, p.hidden)
         row = Row(p, flops=shape_flops(net, p.hidden))
         if latency:
@@ -198,17 +199,6 @@ def run_sweep(
             )
         rows.append(row)
     return rows
-
-
-@torch.no_grad()
-def standalone_accuracy(model: torch.nn.Module, batches) -> float:
-    """Top-1 (%) of a plain network on ``(x, y)`` batches (moved to the batches' device)."""
-    correct = total = 0
-    for x, y in batches:
-        model = model.to(x.device)
-        correct += (model(x).argmax(1) == y).sum().item()
-        total += y.numel()
-    return 100.0 * correct / max(1, total)
 
 
 def write_csv(rows: list[Row], path: Path) -> None:

@@ -102,18 +102,23 @@ def random_shapes(net: MetaResNet, n: int, seed: int = 0, depth: bool = False) -
 
 
 @torch.no_grad()
+def batch_accuracy(forward, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> float:
+    """Top-1 (%) of ``forward`` (a network or any ``x -> logits``) over ``(x, y)`` batches."""
+    correct = total = 0
+    for x, y in batches:
+        correct += (forward(x).argmax(1) == y).sum().item()
+        total += y.numel()
+    return 100.0 * correct / max(1, total)
+
+
 def accuracy_at(
     net: MetaResNet,
     emitted: dict[str, torch.Tensor],
     hidden: Shape,
     batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
 ) -> float:
-    correct = total = 0
-    for x, y in batches:
-        pred = net(x, hidden, emitted).argmax(1)
-        correct += (pred == y).sum().item()
-        total += y.numel()
-    return 100.0 * correct / max(1, total)
+    """Top-1 (%) of ``net`` at ``hidden`` with the ``emitted`` weights."""
+    return batch_accuracy(lambda x: net(x, hidden, emitted), batches)
 
 
 def count_shape_params(net: MetaResNet, hidden: Shape) -> int:
