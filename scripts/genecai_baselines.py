@@ -50,11 +50,10 @@ def main(argv: list[str] | None = None) -> dict:
     from metamorph.config.schema import typed
     from metamorph.search import load_compressed
     from metamorph.search.config import SearchConfig
-    from metamorph.search.finetune import finetune
     from metamorph.search.flops import model_flops
     from metamorph.search.lowrank import save_compressed
     from metamorph.search.pipeline import (
-        accuracy_on,
+        baseline_row,
         search_set,
         test_accuracy,
         uniform_l1_baseline,
@@ -85,23 +84,28 @@ def main(argv: list[str] | None = None) -> dict:
         target = model_flops(front)
         front_test = test_accuracy(front, dm)
         net, rate, reached = uniform_l1_baseline(base, target, scfg.baseline.criterion, xs, ys)
-        net = net.to(device)
-        acc_before = accuracy_on(net, xs, ys, scfg.eval_batch_size)
         torch.manual_seed(seed + 200 + j)
-        ft = finetune(net, dm, scfg.finetune, seed + 200 + j)
+        net, made = baseline_row(
+            net,
+            j,
+            matches=Path(path).stem,
+            kind="uniform_l1",
+            rate=rate,
+            reached=reached,
+            search=(xs, ys, scfg.eval_batch_size),
+            dm=dm,
+            finetune_cfg=scfg.finetune,
+            seed=seed,
+            base_flops=base_flops,
+            report_test=True,
+            device=device,
+        )
         row = {
-            "name": f"baseline_{j}",
-            "matches": Path(path).stem,
+            "name": made["name"],
+            "matches": made["matches"],
             "front_flops": target,
             "front_test_acc": round(front_test, 4),
-            "rate": round(rate, 6),
-            "target_reached": reached,
-            "flops": model_flops(net),
-            "flops_ratio": round(model_flops(net) / base_flops, 6),
-            "search_acc": round(acc_before, 4),
-            "search_acc_ft": round(accuracy_on(net, xs, ys, scfg.eval_batch_size), 4),
-            "finetune_steps": ft["steps"],
-            "test_acc": round(test_accuracy(net, dm), 4),
+            **{k: v for k, v in made.items() if k not in ("name", "kind", "matches", "params")},
             "seconds": round(time.time() - t0, 1),
             "device": str(device),
         }
@@ -112,7 +116,8 @@ def main(argv: list[str] | None = None) -> dict:
         print(
             f"{row['name']} (matches {row['matches']}, {target / 1e6:.2f} MFLOPs, test "
             f"{front_test:.2f}%): uniform L1 rate {rate:.3f} -> {row['flops'] / 1e6:.2f} MFLOPs, "
-            f"search {acc_before:.2f}% -> {row['search_acc_ft']:.2f}% after {ft['steps']} steps, "
+            f"search {row['search_acc']:.2f}% -> {row['search_acc_ft']:.2f}% after "
+            f"{row['finetune_steps']} steps, "
             f"test {row['test_acc']:.2f}% ({row['seconds']} s)",
             flush=True,
         )

@@ -64,8 +64,8 @@ class ResMLPHead(nn.Module):
 
     def trunk(self, pre: torch.Tensor) -> torch.Tensor:
         """Everything after the input layer, from its pre-activation ``pre``."""
-        h = torch.relu(pre)
         fused = not torch.is_grad_enabled()  # in-place ops only where autograd keeps nothing
+        h = pre.relu_() if fused else torch.relu(pre)
         for k, layer in enumerate(self.res):
             r = layer(h)
             if fused:
@@ -195,7 +195,6 @@ class WeightINR(nn.Module):
         device = next(self.parameters()).device
         rows = shape[0]
         cols = shape[1] if slot.kind == "weight" else 1
-        fan_in = torch.tensor(float(cols), device=device)
         if noise > 0:
             raw = self.raw_grid(slot, rows, cols, device)
             u = torch.rand(raw.shape, generator=generator, device="cpu").to(device) - 0.5
@@ -205,7 +204,7 @@ class WeightINR(nn.Module):
             out = self.head(slot.name)(fourier_features(self.normalize(raw, slot), self.cfg.freqs))
         else:
             out = self._emit_grid(slot, rows, cols, device)
-        return self._reshape(out, slot, shape) / fan_in
+        return self._reshape(out, slot, shape) / float(cols)
 
     def _dim_columns(self, device: torch.device) -> list[torch.Tensor]:
         """For each coordinate dimension d, the input-layer columns its Fourier features feed
@@ -224,6 +223,29 @@ class WeightINR(nn.Module):
             ]
         return self._grid_cache[key]
 
+    def _grid_features(
+        self, slot: TensorSlot, rows: int, cols: int, device: torch.device, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Fourier features of a grid's constant query (r = c = 0), of its row coordinates and
+        of its column coordinates; they depend only on the coordinates, so they are cached."""
+        key = ("features", slot.name, rows, cols, str(device), dtype)
+        feats = self._grid_cache.get(key)
+        if feats is None:
+            x0 = torch.tensor(
+                [slot.index / self.num_slots, 0.0, 0.0]
+                + [self.num_slots / self.norm, rows / self.norm, cols / self.norm],
+                device=device,
+                dtype=dtype,
+            )
+            den_r, den_c = self._dens(slot, rows, cols)
+            r = torch.arange(rows, device=device, dtype=dtype) / den_r
+            c = torch.arange(cols, device=device, dtype=dtype) / den_c
+            feats = tuple(
+                fourier_features(x, self.cfg.freqs) for x in (x0[None], r[:, None], c[:, None])
+            )
+            self._grid_cache[key] = feats
+        return feats
+
     def _emit_grid(
         self, slot: TensorSlot, rows: int, cols: int, device: torch.device
     ) -> torch.Tensor:
@@ -236,19 +258,11 @@ class WeightINR(nn.Module):
         head = self.head(slot.name)
         w = head.inp.weight
         dims = self._dim_columns(device)
-        # the query at r = c = 0, through the whole input layer (carries every constant term)
-        x0 = torch.tensor(
-            [slot.index / self.num_slots, 0.0, 0.0]
-            + [self.num_slots / self.norm, rows / self.norm, cols / self.norm],
-            device=device,
-            dtype=w.dtype,
-        )
-        base = head.inp(fourier_features(x0[None], self.cfg.freqs))  # (1, hidden)
-        den_r, den_c = self._dens(slot, rows, cols)
-        r = torch.arange(rows, device=device, dtype=w.dtype) / den_r
-        c = torch.arange(cols, device=device, dtype=w.dtype) / den_c
-        a = fourier_features(r[:, None], self.cfg.freqs) @ w[:, dims[1]].T  # (rows, hidden)
-        b = fourier_features(c[:, None], self.cfg.freqs) @ w[:, dims[2]].T  # (cols, hidden)
+        f0, fr, fc = self._grid_features(slot, rows, cols, device, w.dtype)
+        # the query at r = c = 0 through the whole input layer carries every constant term
+        base = head.inp(f0)  # (1, hidden)
+        a = fr @ w[:, dims[1]].T  # (rows, hidden)
+        b = fc @ w[:, dims[2]].T  # (cols, hidden)
         a, b = a - a[:1], b - b[:1] + base
         step = rows
         if device.type == "cpu" and rows * cols > self.grid_chunk:

@@ -342,6 +342,51 @@ def plot_results(
     return path
 
 
+def baseline_row(
+    net: nn.Module,
+    j: int,
+    *,
+    matches: str,
+    kind: str,
+    rate: float,
+    reached: bool,
+    search: tuple[torch.Tensor, torch.Tensor, int],
+    dm,
+    finetune_cfg,
+    seed: int,
+    base_flops: int,
+    report_test: bool,
+    device: torch.device,
+) -> tuple[nn.Module, dict]:
+    """Search-set accuracy, optional fine-tuning (seed ``seed + 200 + j``) and test accuracy of
+    the ``j``-th baseline network, as one row of ``baseline.csv`` (the network on ``device``)."""
+    xs, ys, bs = search
+    net = net.to(device)
+    acc_before = accuracy_on(net, xs, ys, bs)
+    ft = (
+        finetune(net, dm, finetune_cfg, seed + 200 + j)
+        if finetune_cfg is not None
+        else {"steps": 0}
+    )
+    flops = model_flops(net)
+    row = {
+        "name": f"baseline_{j}",
+        "kind": kind,
+        "matches": matches,
+        "rate": round(rate, 6),
+        "target_reached": reached,
+        "flops": flops,
+        "flops_ratio": round(flops / base_flops, 6),
+        "params": sum(p.numel() for p in net.parameters()),
+        "search_acc": round(acc_before, 4),
+        "search_acc_ft": round(accuracy_on(net, xs, ys, bs), 4),
+        "finetune_steps": ft["steps"],
+    }
+    if report_test:
+        row["test_acc"] = round(test_accuracy(net, dm), 4)
+    return net, row
+
+
 def uniform_gamma_baseline(
     module, target_flops: int, k: int = 1, seed: int = 0, step: float = 1 / 64
 ) -> tuple[nn.Module, float, bool]:
@@ -549,29 +594,21 @@ def run_pipeline(
                 net, rate, reached = uniform_l1_baseline(
                     ref_model, f["flops"], cfg.baseline.criterion, xs, ys
                 )
-            net = net.to(device)
-            acc_before = accuracy_on(net, xs, ys, bs)
-            ft = (
-                finetune(net, dm, cfg.finetune, seed + 200 + j)
-                if cfg.final.finetune
-                else {"steps": 0}
+            net, row = baseline_row(
+                net,
+                j,
+                matches=f["name"],
+                kind=cfg.baseline.kind,
+                rate=rate,
+                reached=reached,
+                search=(xs, ys, bs),
+                dm=dm,
+                finetune_cfg=cfg.finetune if cfg.final.finetune else None,
+                seed=seed,
+                base_flops=base_flops,
+                report_test=cfg.final.report_test,
+                device=device,
             )
-            flops = model_flops(net)
-            row = {
-                "name": f"baseline_{j}",
-                "kind": cfg.baseline.kind,
-                "matches": f["name"],
-                "rate": round(rate, 6),
-                "target_reached": reached,
-                "flops": flops,
-                "flops_ratio": round(flops / base_flops, 6),
-                "params": sum(p.numel() for p in net.parameters()),
-                "search_acc": round(acc_before, 4),
-                "search_acc_ft": round(accuracy_on(net, xs, ys, bs), 4),
-                "finetune_steps": ft["steps"],
-            }
-            if cfg.final.report_test:
-                row["test_acc"] = round(test_accuracy(net, dm), 4)
             net = net.cpu()
             row["latency_ms"] = _latency(net, cfg)
             row["model_file"] = str(
