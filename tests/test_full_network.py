@@ -175,6 +175,60 @@ def test_anchored_variant_starts_from_the_prepared_network(folded):
     assert net.inr.head("layer3.2.conv1.weight").out.weight.grad.abs().sum() > 0
 
 
+def test_trainable_anchor_is_shared_across_shapes_and_round_trips(folded, tmp_path):
+    """scope.anchor_trainable: the anchor is one trained copy of the prepared weights, shared by
+    every shape (slices of it below full width, zero-padded above), saved with the INR."""
+    with pytest.raises(ValueError, match="anchor=true"):
+        MetaSpec(anchor_trainable=True)
+    spec = MetaSpec(blocks=["layer2.0", "layer3.1"], anchor=True, anchor_trainable=True)
+    net = MetaResNet(folded, spec, TINY)
+    assert sorted(net.shared.keys()) == sorted(
+        f"{b}.{t}".replace(".", "__")
+        for b in ("layer2.0", "layer3.1")
+        for t in ("conv1.weight", "conv1.bias", "conv2.weight", "conv2.bias")
+    )
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(net(x, net.full_shape), folded(x), atol=1e-5, rtol=1e-5)
+    narrow = net.shape_for_gamma(0.5)
+    net(x, narrow).square().mean().backward()
+    g = net.shared["layer2__0__conv1__weight"].grad
+    assert g[:16].abs().sum() > 0 and torch.equal(g[16:], torch.zeros_like(g[16:]))
+    with torch.no_grad():
+        net.shared["layer2__0__conv1__weight"].add_(1.0)
+    wide = net.shape_for_gamma(0.0)
+    wide[2][1] = 80
+    e = net.emit(wide)
+    base = folded.state_dict()
+    assert torch.equal(e["layer2.0.conv1.weight"], base["layer2.0.conv1.weight"] + 1.0)
+    assert torch.equal(e["layer3.1.conv2.weight"][:, 64:], torch.zeros(64, 16, 3, 3))
+    # the frozen prepared weights (recon target, calibration reference) do not move
+    assert torch.equal(net.base_tensor("layer2.0.conv1.weight"), base["layer2.0.conv1.weight"])
+    torch.save(net.state_dict(), tmp_path / "n.pt")
+    back = MetaResNet(folded, spec, TINY)
+    back.load_state_dict(torch.load(tmp_path / "n.pt", weights_only=True))
+    assert torch.equal(
+        back.emit(narrow)["layer2.0.conv1.weight"], net.emit(narrow)["layer2.0.conv1.weight"]
+    )
+
+
+def test_shared_tensors_get_their_own_learning_rate(folded):
+    from metamorph.config.schema import OptimConfig
+    from metamorph.tasks.optim import build_optimizer
+
+    net = MetaResNet(
+        folded, MetaSpec(blocks=["layer3.2"], anchor=True, anchor_trainable=True), TINY
+    )
+    mod = _module(net, ScheduleConfig())
+    mod.cfg.optim = OptimConfig(name="adamw", lr=1e-3)
+    mod.cfg.shared_lr_factor = 0.1
+    opt = build_optimizer(mod.param_groups(), mod.cfg.optim)
+    inr_group, shared_group = opt.param_groups
+    assert inr_group["lr"] == pytest.approx(1e-3) and shared_group["lr"] == pytest.approx(1e-4)
+    assert len(shared_group["params"]) == 4
+    assert len(inr_group["params"]) == len(list(net.inr.parameters()))
+
+
 def test_ratio_sweep_val_subset_is_seeded_and_test_uses_the_whole_split(folded, tmp_path):
     """Splits are stored class by class: a sweep must not evaluate only the first batches."""
     from types import SimpleNamespace

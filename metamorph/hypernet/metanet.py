@@ -44,6 +44,14 @@ class MetaSpec:
     # metamorph extension (not in NeuMeta): emitted = first-d-channel slice of the prepared
     # weights (zero-padded above full width) + the INR's output, whose last layer starts at 0
     anchor: bool = False
+    # metamorph extension: the anchor itself is trained (shared by every shape, as the weights of
+    # a slimmable network are), so a shape's weights are a slice of trained shared weights plus
+    # the INR's shape-dependent correction; needs ``anchor``
+    anchor_trainable: bool = False
+
+    def __post_init__(self) -> None:
+        if self.anchor_trainable and not self.anchor:
+            raise ValueError("task.scope.anchor_trainable=true needs task.scope.anchor=true")
 
 
 def block_names(arch: ResNetArch) -> list[str]:
@@ -94,6 +102,10 @@ class MetaResNet(nn.Module):
         # The scalars of a BN-replacement block variant (SkipInit alpha, learnable shortcut scale)
         # in metamorphic blocks are shared across shapes and trained with the INR.
         shared = list(shared or [])
+        if spec.anchor_trainable:
+            shared += [
+                f"{b}.{t}" for b in blocks for t in BLOCK_TENSORS if f"{b}.{t}" not in shared
+            ]
         for b in blocks:
             scalar = VARIANT_SCALARS.get(self.base_arch.variant_of(b))
             if scalar and f"{b}.{scalar}" not in shared:
@@ -224,14 +236,16 @@ class MetaResNet(nn.Module):
         return tuple(base)
 
     def anchor_tensor(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
-        """The prepared weights cut (or zero-padded) to ``shape``: the anchored variant's base."""
-        base = self.base_tensor(name)
+        """The anchor cut (or zero-padded) to ``shape``: the prepared weights, or their trained
+        shared copy with ``anchor_trainable`` (differentiable either way)."""
+        key = name.replace(".", "__")
+        base = self.shared[key] if key in self.shared else self.base_tensor(name)
         if tuple(base.shape) == tuple(shape):
             return base
-        out = base.new_zeros(shape)
         idx = tuple(slice(0, min(a, b)) for a, b in zip(base.shape, shape))
-        out[idx] = base[idx]
-        return out
+        cut = base[idx]
+        pad = [p for a, b in zip(reversed(base.shape), reversed(shape)) for p in (0, max(0, b - a))]
+        return torch.nn.functional.pad(cut, pad) if any(pad) else cut
 
     def present_meta_tensors(self, hidden: Shape) -> list[str]:
         names = []

@@ -67,6 +67,7 @@ class MetamorphConfig:
     ema_decay: float = 0.995
     eval_k: int = 1
     shared: list[str] = field(default_factory=list)  # base tensors trained jointly (e.g. fc.weight)
+    shared_lr_factor: float = 1.0  # learning rate of the shared tensors, x the INR's
     recon_warmup_steps: int = 0  # pure reconstruction steps before the first CE step
     # After the warm-up the gradients grow by orders of magnitude while Adam's second-moment
     # estimate still holds the tiny reconstruction gradients, so the first classifier steps are
@@ -349,8 +350,17 @@ class MetamorphModule(L.LightningModule):
             if p.requires_grad
         ]
 
+    def param_groups(self) -> list[dict]:
+        """The INR, and the shared tensors at ``shared_lr_factor`` x its learning rate."""
+        inr = [p for p in self.net.inr.parameters() if p.requires_grad]
+        shared = [p for p in self.net.shared.parameters() if p.requires_grad]
+        groups = [{"params": inr}]
+        if shared:
+            groups.append({"params": shared, "lr": self.cfg.optim.lr * self.cfg.shared_lr_factor})
+        return groups
+
     def configure_optimizers(self):
-        opt = build_optimizer(self.trainable_parameters(), self.cfg.optim)
+        opt = build_optimizer(self.param_groups(), self.cfg.optim)
         total = self.trainer.estimated_stepping_batches
         per_epoch = max(1, int(total // max(1, self.trainer.max_epochs or 1)))
         sched = build_scheduler(opt, self.cfg.scheduler, total, per_epoch)
