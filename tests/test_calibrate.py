@@ -115,3 +115,40 @@ def test_index_maps_match_each_channel_to_its_mapped_reference_channel(randomize
     )
     with pytest.raises(ValueError, match="outside"):
         match_channel_stats(narrow, ref_stats, x, index_maps={"layer3.2.conv1": torch.tensor([99])})
+
+
+def test_trainable_anchor_is_calibrated_to_its_own_full_width(randomize_bn):
+    """With a trained anchor the full-width weights moved, so the reference statistics are the
+    checkpoint's own full-width network's: calibrating that width changes nothing, while the
+    prepared network's statistics would pull it back."""
+    from metamorph.export.sample import materialize, prepared_stats, reference_stats_for
+    from metamorph.hypernet.inr import INRConfig
+    from metamorph.hypernet.metanet import MetaResNet, MetaSpec
+    from metamorph.hypernet.sampling import SamplingConfig
+    from metamorph.tasks.metamorph import MetamorphConfig, MetamorphModule
+
+    base = folded_net(randomize_bn)
+    spec = MetaSpec(blocks=["all"], anchor=True, anchor_trainable=True)
+    inr = INRConfig(hidden=8, layers=2, freqs=2)
+    net = MetaResNet(base, spec, inr)
+    cfg = MetamorphConfig(spec=spec, inr=inr, sampling=SamplingConfig(), ema_decay=0.0)
+    module = MetamorphModule(net, cfg)
+    with torch.no_grad():  # "training" moved the shared full-width weights
+        for p in net.shared.values():
+            p.mul_(1.3).add_(0.05)
+    x = images()
+    ref = reference_stats_for(module, x)
+    own = materialize(module, net.full_shape)
+    torch.testing.assert_close(
+        ref["layer2.1.conv1"].std, channel_stats(own, x)["layer2.1.conv1"].std
+    )
+    calibrated = materialize(module, net.full_shape, calibrate_images=x)
+    with torch.no_grad():
+        torch.testing.assert_close(calibrated(x), own(x), rtol=1e-4, atol=1e-4)
+    # the prepared network is the reference without a trainable anchor
+    frozen = MetamorphModule(MetaResNet(base, MetaSpec(blocks=["all"], anchor=True), inr), cfg)
+    prep = prepared_stats(frozen.net, x)
+    torch.testing.assert_close(
+        reference_stats_for(frozen, x)["layer1.0.conv1"].mean, prep["layer1.0.conv1"].mean
+    )
+    assert not torch.allclose(ref["layer1.0.conv1"].mean, prep["layer1.0.conv1"].mean)

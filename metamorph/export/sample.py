@@ -189,7 +189,8 @@ def materialize(
     (EMA weights, K-sample averaged: :meth:`MetamorphModule.emit_eval`).
 
     With ``calibrate_images`` (normalized training images), each conv output channel is
-    calibrated to the prepared network's statistics (:func:`calibrate_emitted`)."""
+    calibrated to the reference statistics of :func:`reference_stats_for` (the prepared
+    network's, or the checkpoint's own full width with a trainable anchor)."""
     net: MetaResNet = module.net
     net.check_shape(hidden)
     emitted = module.emit_eval(hidden, k=k, seed=seed)
@@ -198,6 +199,8 @@ def materialize(
     model.load_state_dict(state)
     model.eval()
     if calibrate_images is not None:
+        if reference_stats is None:
+            reference_stats = reference_stats_for(module, calibrate_images, k=k, seed=seed)
         calibrate_emitted(model, net, calibrate_images, reference_stats)
     return model
 
@@ -207,6 +210,19 @@ def prepared_stats(net: MetaResNet, images: torch.Tensor) -> dict:
     from metamorph.models.calibrate import channel_stats
 
     return channel_stats(net.prepared_network(), images.cpu())
+
+
+def reference_stats_for(module, images: torch.Tensor, k: int | None = None, seed: int = 0) -> dict:
+    """The statistics a checkpoint's narrower shapes are calibrated to: the prepared network's,
+    or, with a trainable anchor (the full-width weights were trained too), those of the
+    checkpoint's own full-width network (uncalibrated evaluation emission)."""
+    from metamorph.models.calibrate import channel_stats
+
+    net: MetaResNet = module.net
+    if not net.spec.anchor_trainable:
+        return prepared_stats(net, images)
+    full = materialize(module, net.full_shape, k=k, seed=seed)
+    return channel_stats(full, images.cpu())
 
 
 def calibrate_emitted(

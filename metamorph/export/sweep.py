@@ -17,7 +17,12 @@ from pathlib import Path
 
 import torch
 
-from metamorph.export.sample import materialize, prepared_stats, shape_flops, shape_latency_ms
+from metamorph.export.sample import (
+    materialize,
+    reference_stats_for,
+    shape_flops,
+    shape_latency_ms,
+)
 from metamorph.hypernet.evaluate import (
     SweepPoint,
     accuracy_at,
@@ -177,7 +182,11 @@ def run_sweep(
     for p in pts:
         net.check_shape(p.hidden)
     rows = []
-    ref_stats = None if calibrate_images is None else prepared_stats(net, calibrate_images)
+    ref_stats = (
+        None
+        if calibrate_images is None
+        else reference_stats_for(module, calibrate_images, k=k, seed=seed)
+    )
     for p in pts:
         if calibrate_images is None:
             emitted = module.emit_eval(p.hidden, k=k, seed=seed)

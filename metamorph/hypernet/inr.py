@@ -226,8 +226,9 @@ class WeightINR(nn.Module):
     def _grid_features(
         self, slot: TensorSlot, rows: int, cols: int, device: torch.device, dtype: torch.dtype
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Fourier features of a grid's constant query (r = c = 0), of its row coordinates and
-        of its column coordinates; they depend only on the coordinates, so they are cached."""
+        """Fourier features of a grid's constant query (r = c = 0), and those of its rows and of
+        its columns minus the features at index 0; they depend only on the coordinates, so they
+        are cached."""
         key = ("features", slot.name, rows, cols, str(device), dtype)
         feats = self._grid_cache.get(key)
         if feats is None:
@@ -240,9 +241,11 @@ class WeightINR(nn.Module):
             den_r, den_c = self._dens(slot, rows, cols)
             r = torch.arange(rows, device=device, dtype=dtype) / den_r
             c = torch.arange(cols, device=device, dtype=dtype) / den_c
-            feats = tuple(
+            f0, fr, fc = (
                 fourier_features(x, self.cfg.freqs) for x in (x0[None], r[:, None], c[:, None])
             )
+            # rows and columns relative to the constant query's (r = c = 0)
+            feats = (f0, fr - fr[:1], fc - fc[:1])
             self._grid_cache[key] = feats
         return feats
 
@@ -261,9 +264,8 @@ class WeightINR(nn.Module):
         f0, fr, fc = self._grid_features(slot, rows, cols, device, w.dtype)
         # the query at r = c = 0 through the whole input layer carries every constant term
         base = head.inp(f0)  # (1, hidden)
-        a = fr @ w[:, dims[1]].T  # (rows, hidden)
-        b = fc @ w[:, dims[2]].T  # (cols, hidden)
-        a, b = a - a[:1], b - b[:1] + base
+        a = fr @ w[:, dims[1]].T  # (rows, hidden), zero at r = 0
+        b = torch.addmm(base, fc, w[:, dims[2]].T)  # (cols, hidden), the constant folded in
         step = rows
         if device.type == "cpu" and rows * cols > self.grid_chunk:
             step = max(1, self.grid_chunk // cols)  # whole rows per block
