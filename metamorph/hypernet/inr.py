@@ -227,27 +227,37 @@ class WeightINR(nn.Module):
         self, slot: TensorSlot, rows: int, cols: int, device: torch.device, dtype: torch.dtype
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Fourier features of a grid's constant query (r = c = 0), and those of its rows and of
-        its columns minus the features at index 0; they depend only on the coordinates, so they
-        are cached."""
-        key = ("features", slot.name, rows, cols, str(device), dtype)
-        feats = self._grid_cache.get(key)
-        if feats is None:
+        its columns minus the features at index 0. They depend only on the coordinates, so they
+        are cached: per tensor and shape for the constant query (one row), per index count and
+        divisor for the rows and columns (shared by every tensor)."""
+        den_r, den_c = self._dens(slot, rows, cols)
+        key0 = ("f0", slot.name, rows, cols, str(device), dtype)
+        f0 = self._grid_cache.get(key0)
+        if f0 is None:
             x0 = torch.tensor(
                 [slot.index / self.num_slots, 0.0, 0.0]
                 + [self.num_slots / self.norm, rows / self.norm, cols / self.norm],
                 device=device,
                 dtype=dtype,
             )
-            den_r, den_c = self._dens(slot, rows, cols)
-            r = torch.arange(rows, device=device, dtype=dtype) / den_r
-            c = torch.arange(cols, device=device, dtype=dtype) / den_c
-            f0, fr, fc = (
-                fourier_features(x, self.cfg.freqs) for x in (x0[None], r[:, None], c[:, None])
-            )
-            # rows and columns relative to the constant query's (r = c = 0)
-            feats = (f0, fr - fr[:1], fc - fc[:1])
-            self._grid_cache[key] = feats
-        return feats
+            f0 = self._grid_cache[key0] = fourier_features(x0[None], self.cfg.freqs)
+        return (
+            f0,
+            self._axis_features(rows, den_r, device, dtype),
+            self._axis_features(cols, den_c, device, dtype),
+        )
+
+    def _axis_features(
+        self, n: int, den: float, device: torch.device, dtype: torch.dtype
+    ) -> torch.Tensor:
+        """``fourier_features(i / den) - fourier_features(0)`` for i < n, (n, 1 + 2F); cached."""
+        key = ("axis", n, den, str(device), dtype)
+        f = self._grid_cache.get(key)
+        if f is None:
+            x = torch.arange(n, device=device, dtype=dtype)[:, None] / den
+            f = fourier_features(x, self.cfg.freqs)
+            f = self._grid_cache[key] = f - f[:1]
+        return f
 
     def _emit_grid(
         self, slot: TensorSlot, rows: int, cols: int, device: torch.device
