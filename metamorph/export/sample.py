@@ -226,14 +226,13 @@ def reference_stats_for(module, images: torch.Tensor, k: int | None = None, seed
 
 
 def calibrate_emitted(
-    model: CifarResNet, net: MetaResNet, images: torch.Tensor, reference_stats: dict | None = None
+    model: CifarResNet, net: MetaResNet, images: torch.Tensor, reference_stats: dict
 ) -> dict:
-    """Calibrate a materialized network in place to the prepared network's channel statistics
-    (:func:`metamorph.models.calibrate.match_channel_stats`); ``reference_stats`` caches
-    :func:`prepared_stats` across shapes."""
+    """Calibrate a materialized network in place to ``reference_stats``
+    (:func:`reference_stats_for`, computed once per checkpoint) with
+    :func:`metamorph.models.calibrate.match_channel_stats`."""
     from metamorph.models.calibrate import match_channel_stats, relative_index_map
 
-    ref = reference_stats if reference_stats is not None else prepared_stats(net, images)
     maps = {}
     if net.inr.cfg.coords == "relative" and not net.spec.anchor:
         # a hidden channel j of width d sits at the coordinate of pretrained channel j * D / d
@@ -243,7 +242,7 @@ def calibrate_emitted(
             if conv is not None:
                 maps[f"{blk}.conv1"] = relative_index_map(conv.out_channels, net.full_width(blk))
     return match_channel_stats(
-        model, ref, images.to(next(model.parameters()).device), index_maps=maps
+        model, reference_stats, images.to(next(model.parameters()).device), index_maps=maps
     )
 
 

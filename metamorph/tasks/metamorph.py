@@ -344,11 +344,7 @@ class MetamorphModule(L.LightningModule):
 
     # ------------------------------------------------------------------ optimisation
     def trainable_parameters(self) -> list[nn.Parameter]:
-        return [
-            p
-            for p in list(self.net.inr.parameters()) + list(self.net.shared.parameters())
-            if p.requires_grad
-        ]
+        return [p for g in self.param_groups() for p in g["params"]]
 
     def param_groups(self) -> list[dict]:
         """The INR, and the shared tensors at ``shared_lr_factor`` x its learning rate."""
