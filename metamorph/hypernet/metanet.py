@@ -309,11 +309,45 @@ class MetaResNet(nn.Module):
         return mod
 
     def forward(
-        self, x: torch.Tensor, hidden: Shape, emitted: dict[str, torch.Tensor] | None = None
+        self,
+        x: torch.Tensor,
+        hidden: Shape,
+        emitted: dict[str, torch.Tensor] | None = None,
+        start: int | None = None,
     ) -> torch.Tensor:
+        """Logits at shape ``hidden``; with ``start=k``, ``x`` is :meth:`prefix_features` ``(.., k)``."""
         if emitted is None:
             emitted = self.emit(hidden)
-        return functional_call(self.template(hidden), self.params_for(hidden, emitted), (x,))
+        kwargs = {} if start is None else {"start": start}
+        return functional_call(
+            self.template(hidden), self.params_for(hidden, emitted), (x,), kwargs
+        )
+
+    def frozen_prefix(self) -> int | None:
+        """How many leading blocks every shape computes from the frozen prepared weights alone
+        (after the stem), so their activation can be computed once per batch and shared by
+        several shapes and the distillation teacher; ``None`` when the stem itself is trained.
+        With depth sampling only the stem is shared (a shallower stage moves block indices)."""
+        shared = {n.replace("__", ".") for n in self.shared}
+        if any(n.startswith(("conv1.", "bn1.")) for n in shared):
+            return None
+        if self.spec.depth_choices:
+            return 0
+        active = set(self.meta_blocks)
+        n = 0
+        for b in self._all_blocks:
+            if b in active or any(t.startswith(b + ".") for t in shared):
+                break
+            n += 1
+        return n
+
+    def prefix_features(self, x: torch.Tensor, n: int) -> torch.Tensor:
+        """Activation after the stem and the first ``n`` blocks, from the frozen prepared weights
+        (no graph: nothing in it is trained; see :meth:`frozen_prefix`)."""
+        full = self.full_shape
+        params = {k: self.base_tensor(k) for k in self.base_keys}
+        with torch.no_grad():
+            return functional_call(self.template(full), params, (x,), {"stop": n})
 
     @torch.no_grad()
     def materialize(

@@ -17,10 +17,16 @@ class SamplingConfig:
     """``uniform``: one relative width for every metamorphic block; ``per_block``: independent
     widths; ``sandwich``: smallest, largest, then random shapes in turn (slimmable rule).
     Every ``full_width_every``-th step uses the full (pretrained) shape, where the
-    reconstruction loss applies (0 disables forced full-width steps)."""
+    reconstruction loss applies (0 disables forced full-width steps).
+
+    ``widths_per_step``: shapes per training batch (losses averaged over them); they are the
+    sampler's draws ``step * n ... step * n + n - 1``, so ``sandwich`` with 3 gives the smallest,
+    the largest and a random shape every step, and ``full_width_every: 2`` with 2 gives the
+    full width and a random shape every step. 1 is NeuMeta's one shape per batch."""
 
     mode: str = "uniform"
     full_width_every: int = 4
+    widths_per_step: int = 1
     depth_prob: float = 0.5  # when depth varies: probability of sampling a shallower network
     extra: dict = field(default_factory=dict)
 
@@ -39,6 +45,10 @@ class ShapeSampler:
     def __init__(self, net: MetaResNet, cfg: SamplingConfig, seed: int = 0) -> None:
         if cfg.mode not in MODES:
             raise ValueError(f"unknown sampling mode {cfg.mode!r}; choose one of {MODES}")
+        if int(cfg.widths_per_step) < 1:
+            raise ValueError(
+                f"task.sampling.widths_per_step={cfg.widths_per_step}; it must be >= 1"
+            )
         self.net = net
         self.cfg = cfg
         self.seed = int(seed)
@@ -60,6 +70,11 @@ class ShapeSampler:
             allowed = sorted({min(c, len(stage)) for c in choices})
             out.append(allowed[int(torch.randint(len(allowed), (), generator=g))])
         return out
+
+    def sample_step(self, step: int) -> list[Shape]:
+        """The shapes of training step ``step`` (``widths_per_step`` of them)."""
+        n = int(self.cfg.widths_per_step)
+        return [self.sample(step * n + j) for j in range(n)]
 
     def sample(self, step: int) -> Shape:
         net = self.net

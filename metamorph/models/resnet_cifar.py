@@ -240,14 +240,38 @@ class CifarResNet(nn.Module):
                     pairs.append((f"{p}.shortcut.0", f"{p}.shortcut.1"))
         return pairs
 
+    def blocks(self) -> list[BasicBlock]:
+        """Every BasicBlock in forward order (stage by stage)."""
+        return [blk for stage in self.stages() for blk in stage]
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         out = F.relu(self.bn1(self.conv1(x)))
         for stage in self.stages():
             out = stage(out)
         return F.adaptive_avg_pool2d(out, 1).flatten(1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.forward_features(x))
+    def forward(
+        self, x: torch.Tensor, start: int | None = None, stop: int | None = None
+    ) -> torch.Tensor:
+        """Logits of images ``x``; or a slice of the network by block index (forward order):
+        ``stop=k`` returns the activation after the stem and the first k blocks, ``start=k`` takes
+        that activation as ``x`` and finishes the network, so
+        ``net(net(x, stop=k), start=k) == net(x)`` (used to share a frozen prefix)."""
+        if start is None and stop is None:
+            return self.fc(self.forward_features(x))
+        blocks = self.blocks()
+        first = 0 if start is None else int(start)
+        last = len(blocks) if stop is None else int(stop)
+        if not 0 <= first <= last <= len(blocks):
+            raise ValueError(
+                f"block slice [{start}, {stop}) is outside this network's {len(blocks)} blocks"
+            )
+        out = F.relu(self.bn1(self.conv1(x))) if start is None else x
+        for blk in blocks[first:last]:
+            out = blk(out)
+        if stop is not None:
+            return out
+        return self.fc(F.adaptive_avg_pool2d(out, 1).flatten(1))
 
 
 def cifar_resnet_arch(

@@ -80,6 +80,9 @@ class MetamorphConfig:
     # (measured: accuracy collapses to the same ~70% at every width); ~1e-4 does not.
     post_warmup_lr_factor: float = 1.0
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    # compute the frozen blocks before the first metamorphic one once per batch and share the
+    # activation between the sampled shapes and the teacher (same numbers, less compute)
+    share_prefix: bool = True
     seed: int = 0
 
 
@@ -168,6 +171,7 @@ class MetamorphModule(L.LightningModule):
         self.sampler = ShapeSampler(net, cfg.sampling, seed=cfg.seed)
         self.ema = EMA(net.inr, cfg.ema_decay) if cfg.ema_decay > 0 else None
         self.teacher = teacher.requires_grad_(False).eval() if teacher is not None else None
+        self._teacher_prefix_ok: dict[int, bool] = {}
         self.save_hyperparameters(
             {
                 "config": hparams or {},
@@ -243,48 +247,86 @@ class MetamorphModule(L.LightningModule):
             return self.net.emit(hidden, noise=noise, generator=g, quirk=self.cfg.noise_quirk, k=k)
 
     # ------------------------------------------------------------------ training
+    def _prefix(self) -> int | None:
+        """Blocks whose activation this step shares (None: run every shape from the images)."""
+        if not self.cfg.share_prefix:
+            return None
+        n = self.net.frozen_prefix()
+        if n is None or self.teacher is None:
+            return n
+        ok = self._teacher_prefix_ok.get(n)
+        if ok is None:  # the teacher must compute the same prefix (it is the prepared network)
+            t_state = self.teacher.state_dict()
+            names = [k for k in self.net.base_keys if k.startswith(("conv1.", "bn1."))]
+            for b in self.net._all_blocks[:n]:
+                names += [k for k in self.net.base_keys if k.startswith(b + ".")]
+            ok = isinstance(self.teacher, CifarResNet) and all(
+                k in t_state and torch.equal(t_state[k], self.net.base_tensor(k)) for k in names
+            )
+            self._teacher_prefix_ok[n] = ok
+        return n if ok else None
+
     def training_step(self, batch, batch_idx):
         x, y = batch
         step = self.global_step
         cfg = self.cfg
         warm = step < cfg.recon_warmup_steps
         # the warm-up only fits the full-width emission: no sampled shape to emit
-        hidden = self.net.full_shape if warm else self.sampler.sample(step)
-        full = hidden == self.net.full_shape
+        shapes = [self.net.full_shape] if warm else self.sampler.sample_step(step)
         g = self.sampler.generator(step + 7919)
-        emitted = self.net.emit(hidden, noise=cfg.coord_noise, generator=g, quirk=cfg.noise_quirk)
+        emissions = [
+            self.net.emit(h, noise=cfg.coord_noise, generator=g, quirk=cfg.noise_quirk)
+            for h in shapes
+        ]
+        full_emitted = next(
+            (e for h, e in zip(shapes, emissions) if h == self.net.full_shape), None
+        )
+        n = len(shapes)
         losses = {}
         if not warm and cfg.loss.ce > 0:
-            logits = self.net(x, hidden, emitted)
-            losses["ce"] = cfg.loss.ce * F.cross_entropy(logits, y)
+            start = self._prefix()
+            inp = x if start is None else self.net.prefix_features(x, start)
+            t_logits = None
             if cfg.loss.kd > 0 and self.teacher is not None:
                 with torch.no_grad():
-                    t_logits = self.teacher(x)
-                T = cfg.loss.kd_temperature
-                kd = F.kl_div(
-                    F.log_softmax(logits / T, 1),
-                    F.log_softmax(t_logits / T, 1),
-                    reduction="batchmean",
-                    log_target=True,
-                )
-                losses["kd"] = cfg.loss.kd * kd * T * T
-        if (full or warm or cfg.loss.recon_always) and cfg.loss.recon > 0:
-            if not full:
-                emitted = self.net.emit(
+                    t_logits = self.teacher(x) if start is None else self.teacher(inp, start=start)
+            T = cfg.loss.kd_temperature
+            ce = kd = 0.0
+            for hidden, emitted in zip(shapes, emissions):
+                logits = self.net(inp, hidden, emitted, start=start)
+                ce = ce + F.cross_entropy(logits, y)
+                if t_logits is not None:
+                    kd = kd + F.kl_div(
+                        F.log_softmax(logits / T, 1),
+                        F.log_softmax(t_logits / T, 1),
+                        reduction="batchmean",
+                        log_target=True,
+                    )
+            losses["ce"] = cfg.loss.ce * ce / n
+            if t_logits is not None:
+                losses["kd"] = cfg.loss.kd * kd * T * T / n
+        if (full_emitted is not None or cfg.loss.recon_always) and cfg.loss.recon > 0:
+            if full_emitted is None:
+                full_emitted = self.net.emit(
                     self.net.full_shape, noise=cfg.coord_noise, generator=g, quirk=cfg.noise_quirk
                 )
             rec = sum(
                 recon_loss(v, self.net.base_tensor(k), cfg.loss.recon_type)
-                for k, v in emitted.items()
+                for k, v in full_emitted.items()
             )
-            losses["recon"] = cfg.loss.recon * rec / len(emitted)
-        if cfg.loss.reg > 0:
-            losses["reg"] = cfg.loss.reg * sum(v.norm() for v in emitted.values())
+            losses["recon"] = cfg.loss.recon * rec / len(full_emitted)
+        if cfg.loss.reg > 0:  # on the sampled shapes' emissions (NeuMeta)
+            losses["reg"] = cfg.loss.reg * sum(v.norm() for e in emissions for v in e.values()) / n
         loss = sum(losses.values())
         for k, v in losses.items():
             self.log(f"train/{k}", v, on_step=True, on_epoch=False)
         self.log("train/loss", loss, prog_bar=True)
-        self.log("train/gamma", self.net.gamma_of(hidden), on_step=True, on_epoch=False)
+        self.log(
+            "train/gamma",
+            sum(self.net.gamma_of(h) for h in shapes) / n,
+            on_step=True,
+            on_epoch=False,
+        )
         return loss
 
     def on_train_batch_start(self, batch, batch_idx) -> None:

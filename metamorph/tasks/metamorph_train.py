@@ -53,6 +53,7 @@ def metamorph_config(cfg: DictConfig) -> MetamorphConfig:
         "scheduler",
         "sweep",
         "schedule",
+        "share_prefix",
     }
     unknown = set(t.keys()) - known
     if unknown:
@@ -77,6 +78,7 @@ def metamorph_config(cfg: DictConfig) -> MetamorphConfig:
         lr_ramp_steps=int(t.get("lr_ramp_steps", 0)),
         post_warmup_lr_factor=float(t.get("post_warmup_lr_factor", 1.0)),
         schedule=typed(ScheduleConfig, t.get("schedule"), "task.schedule"),
+        share_prefix=bool(t.get("share_prefix", True)),
         seed=int(cfg.seed),
     )
 
