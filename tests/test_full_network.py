@@ -322,7 +322,7 @@ def test_skipinit_strategy_starts_as_identity_and_alpha_is_shared(folded):
         out = apply_bn_strategy(folded, blocks, b)
         assert out.layer3[1].variant == b and out.layer2[2].variant == "standard"
     assert apply_bn_strategy(folded, blocks, "fold") is folded
-    with pytest.raises(ValueError, match="keeping BN inside metamorphic blocks is not supported"):
+    with pytest.raises(ValueError, match="bn_strategy='keep_bn'; choose one of"):
         apply_bn_strategy(folded, blocks, "keep_bn")
 
 

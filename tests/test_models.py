@@ -225,7 +225,7 @@ def test_arch_dict_is_plain_json():
     assert json.loads(json.dumps(d)) == d
     assert set(d) == {
         "stage_widths", "hidden", "num_classes", "in_channels", "shortcut", "bn", "block_variant",
-        "block_variants", "mean", "std",
+        "block_variants", "bn_blocks", "mean", "std",
     }  # fmt: skip
 
 

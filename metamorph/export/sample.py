@@ -25,6 +25,7 @@ from metamorph.hypernet.evaluate import (
     random_shapes,
 )
 from metamorph.hypernet.metanet import MetaResNet, Shape
+from metamorph.models.folding import fold_batchnorm
 from metamorph.models.resnet_cifar import CifarResNet
 from metamorph.utils.profile import count_flops, cpu_latency_ms
 
@@ -198,6 +199,8 @@ def materialize(
     state = {n: t.detach().cpu().clone() for n, t in net.params_for(hidden, emitted).items()}
     model.load_state_dict(state)
     model.eval()
+    if model.arch.bn_blocks:  # kept BatchNorm, with this shape's statistics: fold it to deploy
+        fold_batchnorm(model)
     if calibrate_images is not None:
         if reference_stats is None:
             reference_stats = reference_stats_for(module, calibrate_images, k=k, seed=seed)

@@ -21,6 +21,8 @@ from metamorph.models.resnet_cifar import CifarResNet, ResNetArch
 
 Shape = list[list[int]]
 BLOCK_TENSORS = ("conv1.weight", "conv1.bias", "conv2.weight", "conv2.bias")
+KEPT_BN_PARAMS = ("bn1.weight", "bn1.bias", "bn2.weight", "bn2.bias")
+BN_STATS = ("running_mean", "running_var", "num_batches_tracked")
 VARIANT_SCALARS = {"skipinit": "alpha", "learnable_shortcut": "shortcut_scale"}
 
 
@@ -110,6 +112,19 @@ class MetaResNet(nn.Module):
             scalar = VARIANT_SCALARS.get(self.base_arch.variant_of(b))
             if scalar and f"{b}.{scalar}" not in shared:
                 shared.append(f"{b}.{scalar}")
+        # "Keep BN" blocks: the BN affine parameters are shared by every shape (cut to the block's
+        # width, as a slimmable network's are); the statistics are batch statistics in training
+        # and are computed per shape for evaluation (:meth:`bn_statistics`) on calibration images
+        # stored with the network (:meth:`set_bn_calibration`).
+        outside = [b for b in self.base_arch.bn_blocks if b not in blocks]
+        if outside:
+            raise ValueError(
+                f"blocks {outside} keep BatchNorm but are not metamorphic; keep BN only in the "
+                "metamorphic blocks (prepare.bn_strategy=keep does) or fold it"
+            )
+        for b in self.base_arch.bn_blocks:
+            shared += [f"{b}.{t}" for t in KEPT_BN_PARAMS if f"{b}.{t}" not in shared]
+        self.register_buffer("bn_calib", torch.zeros(0, dtype=torch.uint8))
         self.shared = nn.ParameterDict()
         for name in shared:
             self.shared[name.replace(".", "__")] = nn.Parameter(state[name].detach().clone())
@@ -282,16 +297,28 @@ class MetaResNet(nn.Module):
         return out
 
     def params_for(
-        self, hidden: Shape, emitted: dict[str, torch.Tensor]
+        self, hidden: Shape, emitted: dict[str, torch.Tensor], fresh_bn_stats: bool = False
     ) -> dict[str, torch.Tensor]:
-        """Every tensor of the network at ``hidden``: emitted, shared, or frozen base."""
+        """Every tensor of the network at ``hidden``: emitted, shared (cut to the shape), or
+        frozen base. Kept BatchNorm statistics come from ``emitted`` (:meth:`bn_statistics`),
+        or are throw-away tensors with ``fresh_bn_stats`` (training: batch statistics)."""
         template = self.template(hidden)
         params = {}
-        for name in template.state_dict(keep_vars=True):
+        for name, ref in template.state_dict(keep_vars=True).items():
             if name in emitted:
                 params[name] = emitted[name]
             elif name.replace(".", "__") in self.shared:
-                params[name] = self.shared[name.replace(".", "__")]
+                params[name] = self.anchor_tensor(name, tuple(ref.shape))
+            elif self._kept_bn_stat(name) and (
+                fresh_bn_stats or self._kept_bn_block(name) in self.meta_blocks
+            ):
+                if not fresh_bn_stats:
+                    raise ValueError(
+                        f"{name}: no BatchNorm statistics for this shape; evaluate with "
+                        "MetamorphModule.emit_eval or add MetaResNet.bn_statistics(...) to the "
+                        "emitted tensors"
+                    )
+                params[name] = self._fresh_stat(name, ref.shape)
             else:
                 params[name] = self.base_tensor(name)
         return params
@@ -315,13 +342,99 @@ class MetaResNet(nn.Module):
         emitted: dict[str, torch.Tensor] | None = None,
         start: int | None = None,
     ) -> torch.Tensor:
-        """Logits at shape ``hidden``; with ``start=k``, ``x`` is :meth:`prefix_features` ``(.., k)``."""
+        """Logits at shape ``hidden``; with ``start=k``, ``x`` is :meth:`prefix_features` ``(.., k)``.
+
+        Kept BatchNorm layers use batch statistics in training mode, and in evaluation mode the
+        per-shape statistics that ``emitted`` must then carry (:meth:`bn_statistics`)."""
         if emitted is None:
             emitted = self.emit(hidden)
+        template = self.template(hidden)
+        batch_stats = False
+        if self.base_arch.bn_blocks:
+            batch_stats = self.training and not any(k.endswith(".running_mean") for k in emitted)
+            template.train(batch_stats)
         kwargs = {} if start is None else {"start": start}
-        return functional_call(
-            self.template(hidden), self.params_for(hidden, emitted), (x,), kwargs
-        )
+        params = self.params_for(hidden, emitted, fresh_bn_stats=batch_stats)
+        return functional_call(template, params, (x,), kwargs)
+
+    # ------------------------------------------------------------------ kept BatchNorm
+    def _kept_bn_block(self, name: str) -> str | None:
+        """The block of a kept BatchNorm statistic ``name`` (``layer3.2.bn1.running_mean``)."""
+        block = name.rsplit(".", 2)[0] if name.count(".") == 3 else ""
+        ok = block in self.base_arch.bn_blocks and name.endswith(BN_STATS)
+        return block if ok else None
+
+    def _kept_bn_stat(self, name: str) -> bool:
+        return self._kept_bn_block(name) is not None
+
+    def set_bn_calibration(self, images: torch.Tensor) -> None:
+        """Store the images (uint8 NCHW, or already normalized float) on which :meth:`bn_statistics`
+        computes each shape's BatchNorm statistics; saved with the network."""
+        if images.dim() != 4:
+            raise ValueError(f"BN calibration images must be NCHW, got shape {tuple(images.shape)}")
+        self.bn_calib = images.detach().to(self.bn_calib.device).clone()
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        key = prefix + "bn_calib"
+        if key in state_dict:  # its size is the stored images', not the empty default's
+            self.bn_calib = torch.empty_like(state_dict[key], device=self.bn_calib.device)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    @torch.no_grad()
+    def bn_statistics(
+        self,
+        hidden: Shape,
+        emitted: dict[str, torch.Tensor],
+        images: torch.Tensor | None = None,
+        batch_size: int = 256,
+    ) -> dict[str, torch.Tensor]:
+        """Statistics of every kept BatchNorm layer of the network at ``hidden`` (running mean,
+        variance, count), as BN recalibration computes them: the network in training mode over
+        ``images`` (default: the stored calibration images), cumulative averages. ``{}`` when
+        no BatchNorm is kept."""
+        template = self.template(hidden)
+        stats = {
+            n: self._fresh_stat(n, ref.shape)
+            for n, ref in template.state_dict(keep_vars=True).items()
+            if self._kept_bn_stat(n)
+        }
+        if not stats:
+            return {}
+        x_all = self.bn_calib if images is None else images
+        if len(x_all) == 0:
+            raise ValueError(
+                "this network keeps BatchNorm but has no calibration images for its statistics: "
+                "call set_bn_calibration(train_images) (metamorph-train stores them)"
+            )
+        params = self.params_for(hidden, {**emitted, **stats})
+        bns = [m for m in template.modules() if isinstance(m, nn.BatchNorm2d)]
+        momenta = [m.momentum for m in bns]
+        template.train(True)
+        try:
+            for m in bns:
+                m.momentum = None  # cumulative average over the batches
+            for i in range(0, len(x_all), batch_size):
+                functional_call(template, params, (self._calib_input(x_all[i : i + batch_size]),))
+        finally:
+            for m, mom in zip(bns, momenta):
+                m.momentum = mom
+            template.train(False)
+        return stats
+
+    def _fresh_stat(self, name: str, shape) -> torch.Tensor:
+        dev = self.bn_calib.device
+        if name.endswith("num_batches_tracked"):
+            return torch.zeros((), dtype=torch.long, device=dev)
+        fill = 1.0 if name.endswith("running_var") else 0.0
+        return torch.full(tuple(shape), fill, device=dev)
+
+    def _calib_input(self, x: torch.Tensor) -> torch.Tensor:
+        dev = self.bn_calib.device
+        if x.dtype != torch.uint8:
+            return x.to(dev)
+        mean = torch.tensor(self.base_arch.mean, device=dev).view(1, -1, 1, 1)
+        std = torch.tensor(self.base_arch.std, device=dev).view(1, -1, 1, 1)
+        return (x.to(dev).float() / 255.0 - mean) / std
 
     def frozen_prefix(self) -> int | None:
         """How many leading blocks every shape computes from the frozen prepared weights alone
@@ -336,7 +449,11 @@ class MetaResNet(nn.Module):
         active = set(self.meta_blocks)
         n = 0
         for b in self._all_blocks:
-            if b in active or any(t.startswith(b + ".") for t in shared):
+            if (
+                b in active
+                or b in self.base_arch.bn_blocks
+                or any(t.startswith(b + ".") for t in shared)
+            ):
                 break
             n += 1
         return n
@@ -356,6 +473,7 @@ class MetaResNet(nn.Module):
         """A standalone plain network (no INR) at ``hidden``."""
         g = torch.Generator().manual_seed(seed)
         emitted = self.emit(hidden, noise=noise, generator=g, k=k)
+        emitted.update(self.bn_statistics(hidden, emitted))
         net = CifarResNet(self.arch_for(hidden))
         net.load_state_dict(
             {k_: v.detach().cpu() for k_, v in self.params_for(hidden, emitted).items()}

@@ -1,6 +1,6 @@
 """Architectures (plain ``nn.Module``s), their registry and structural transforms."""
 
-from metamorph.models.folding import fold_batchnorm, fold_conv_bn
+from metamorph.models.folding import fold_batchnorm, fold_conv_bn, insert_batchnorm
 from metamorph.models.registry import (
     build_from_arch,
     create_model,
@@ -32,6 +32,7 @@ __all__ = [
     "cifar_resnet_arch",
     "create_model",
     "fold_batchnorm",
+    "insert_batchnorm",
     "fold_conv_bn",
     "list_models",
     "model_family",

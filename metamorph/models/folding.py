@@ -51,4 +51,38 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
         _set_submodule(model, bn_name, nn.Identity())
     if hasattr(model, "arch") and hasattr(model.arch, "bn"):
         model.arch.bn = False
+        if hasattr(model.arch, "bn_blocks"):
+            model.arch.bn_blocks = []
     return model
+
+
+@torch.no_grad()
+def insert_batchnorm(model: nn.Module, blocks: list[str], images: torch.Tensor) -> nn.Module:
+    """A copy of the folded CIFAR ResNet ``model`` in which ``blocks`` keep a BatchNorm after each
+    conv (``ResNetArch.bn_blocks``), initialised to compute the identity: its running statistics
+    are the conv outputs' per-channel mean and variance on ``images`` (normalized), its affine
+    parameters undo them, so the network's function is unchanged in evaluation mode and nearly
+    so with batch statistics. The inverse of folding, for the "keep BN" strategy."""
+    from metamorph.models.calibrate import channel_stats
+    from metamorph.models.resnet_cifar import CifarResNet, ResNetArch
+
+    if model.arch.bn:
+        raise ValueError("insert_batchnorm needs a folded network (fold_batchnorm first)")
+    stats = channel_stats(model, images)
+    arch = ResNetArch.from_dict(model.arch.to_dict())
+    arch.bn_blocks = sorted({*arch.bn_blocks, *blocks})
+    new = CifarResNet(arch)
+    missing, unexpected = new.load_state_dict(model.state_dict(), strict=False)
+    kept = tuple(f"{b}.bn" for b in blocks)
+    if unexpected or any(not m.startswith(kept) for m in missing):
+        raise RuntimeError(f"insert_batchnorm mismatch: missing {missing}, unexpected {unexpected}")
+    for b in blocks:
+        for conv, bn_name in ((f"{b}.conv1", f"{b}.bn1"), (f"{b}.conv2", f"{b}.bn2")):
+            st, bn = stats[conv], new.get_submodule(bn_name)
+            var = st.std.double() ** 2
+            bn.running_mean.copy_(st.mean)
+            bn.running_var.copy_(var.float())
+            bn.weight.copy_((var + bn.eps).sqrt().float())
+            bn.bias.copy_(st.mean)
+            bn.num_batches_tracked.fill_(1)
+    return new.eval()

@@ -49,6 +49,9 @@ class ResNetArch:
     # per-block overrides of ``block_variant``, e.g. {"layer3.1": "skipinit"} (the seed paper
     # replaces BN only in the metamorphic blocks)
     block_variants: dict[str, str] = field(default_factory=dict)
+    # blocks that keep a BatchNorm after each (folded, biased) conv although ``bn`` is False:
+    # the seed paper's "keep BN in metamorphic blocks" strategy
+    bn_blocks: list[str] = field(default_factory=list)
     mean: list[float] = field(default_factory=lambda: list(CIFAR10_MEAN))
     std: list[float] = field(default_factory=lambda: list(CIFAR10_STD))
 
@@ -68,21 +71,26 @@ class ResNetArch:
                 f"unknown block_variant {self.block_variant!r}; choose one of {BLOCK_VARIANTS}"
             )
         self.block_variants = {str(k): str(v) for k, v in dict(self.block_variants).items()}
+        self.bn_blocks = [str(b) for b in self.bn_blocks]
         for name, v in self.block_variants.items():
             if v not in BLOCK_VARIANTS:
                 raise ValueError(
                     f"unknown block variant {v!r} for {name}; choose one of {BLOCK_VARIANTS}"
                 )
+        for name in [*self.block_variants, *self.bn_blocks]:
             parts = name.removeprefix("layer").split(".")
             if (
                 not name.startswith("layer")
                 or len(parts) != 2
                 or not all(p.isdigit() for p in parts)
             ):
-                raise ValueError(f"block_variants key {name!r} is not a block name like 'layer3.1'")
+                raise ValueError(
+                    f"block_variants key / bn_blocks entry {name!r} is not a block name like "
+                    "'layer3.1'"
+                )
             if not 1 <= int(parts[0]) <= len(self.hidden):
                 raise ValueError(
-                    f"block_variants names {name}, but there are {len(self.hidden)} stages"
+                    f"block_variants / bn_blocks names {name}, but there are {len(self.hidden)} stages"
                 )
         for s, stage in enumerate(self.hidden):
             if len(stage) < 1:
@@ -94,6 +102,10 @@ class ResNetArch:
             raise ValueError(f"stage widths must be >= 1, got {self.stage_widths}")
         if len(self.mean) != self.in_channels or len(self.std) != self.in_channels:
             raise ValueError("mean and std need one value per input channel")
+
+    def keeps_bn(self, name: str) -> bool:
+        """Whether block ``name`` has BatchNorm layers (all blocks when ``bn``)."""
+        return self.bn or name in self.bn_blocks
 
     def variant_of(self, name: str) -> str:
         """The block variant of block ``name`` (``"layer2.0"``)."""
@@ -157,13 +169,15 @@ class BasicBlock(nn.Module):
         shortcut: str = "A",
         bn: bool = True,
         variant: str = "standard",
+        keep_bn: bool = False,
     ) -> None:
         super().__init__()
         self.variant = variant
+        # keep_bn: BatchNorm after folded (biased) convolutions in an otherwise folded network
         self.conv1 = nn.Conv2d(in_planes, hidden, 3, stride, 1, bias=not bn)
-        self.bn1 = _norm(hidden, bn)
+        self.bn1 = _norm(hidden, bn or keep_bn)
         self.conv2 = nn.Conv2d(hidden, planes, 3, 1, 1, bias=not bn)
-        self.bn2 = _norm(planes, bn)
+        self.bn2 = _norm(planes, bn or keep_bn)
         if stride == 1 and in_planes == planes:
             self.shortcut: nn.Module = nn.Identity()
         elif shortcut == "A":
@@ -206,9 +220,18 @@ class CifarResNet(nn.Module):
             blocks = []
             for b, h in enumerate(hidden):
                 stride = 2 if (s > 0 and b == 0) else 1
-                variant = arch.variant_of(f"layer{s + 1}.{b}")
+                name = f"layer{s + 1}.{b}"
                 blocks.append(
-                    BasicBlock(in_planes, h, planes, stride, arch.shortcut, arch.bn, variant)
+                    BasicBlock(
+                        in_planes,
+                        h,
+                        planes,
+                        stride,
+                        arch.shortcut,
+                        arch.bn,
+                        arch.variant_of(name),
+                        keep_bn=name in arch.bn_blocks,
+                    )
                 )
                 in_planes = planes
             self.add_module(f"layer{s + 1}", nn.Sequential(*blocks))

@@ -239,12 +239,14 @@ class MetamorphModule(L.LightningModule):
         self, hidden: Shape, k: int | None = None, seed: int = 0
     ) -> dict[str, torch.Tensor]:
         """Emission used for evaluation: EMA weights, K-sample averaged (first sample noise-free,
-        so K = 1 is the noise-free emission, as in NeuMeta's ``sample_merge_model``)."""
+        so K = 1 is the noise-free emission, as in NeuMeta's ``sample_merge_model``); with kept
+        BatchNorm, the shape's BN statistics are added (:meth:`MetaResNet.bn_statistics`)."""
         k = self.cfg.eval_k if k is None else k
         g = torch.Generator().manual_seed(seed)
         noise = self.cfg.coord_noise if k > 1 else 0.0
         with self.eval_weights():
-            return self.net.emit(hidden, noise=noise, generator=g, quirk=self.cfg.noise_quirk, k=k)
+            out = self.net.emit(hidden, noise=noise, generator=g, quirk=self.cfg.noise_quirk, k=k)
+        return {**out, **self.net.bn_statistics(hidden, out)}
 
     # ------------------------------------------------------------------ training
     def _prefix(self) -> int | None:

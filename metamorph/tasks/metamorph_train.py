@@ -24,7 +24,7 @@ from metamorph.hypernet.inr import INRConfig
 from metamorph.hypernet.metanet import MetaResNet, MetaSpec, block_names
 from metamorph.hypernet.sampling import SamplingConfig
 from metamorph.io.model_file import save_model
-from metamorph.models import fold_batchnorm
+from metamorph.models import fold_batchnorm, insert_batchnorm
 from metamorph.models.resnet_cifar import CifarResNet, ResNetArch
 from metamorph.tasks.metamorph import LossConfig, MetamorphConfig, MetamorphModule, ScheduleConfig
 
@@ -117,15 +117,22 @@ def prepare_base(
     return model, report
 
 
-BN_STRATEGIES = ("fold", "skipinit", "scaled_shortcut", "learnable_shortcut")
+BN_STRATEGIES = ("fold", "keep", "skipinit", "scaled_shortcut", "learnable_shortcut")
 
 
 def apply_bn_strategy(
-    model: CifarResNet, blocks: list[str], strategy: str, init: str = "paper"
+    model: CifarResNet,
+    blocks: list[str],
+    strategy: str,
+    init: str = "paper",
+    images: torch.Tensor | None = None,
 ) -> CifarResNet:
     """Rebuild a folded network with the block variant ``strategy`` in ``blocks``.
 
-    ``fold`` (NeuMeta) leaves the network as it is; the others are the BN-replacement strategies
+    ``fold`` (NeuMeta) leaves the network as it is; ``keep`` gives the metamorphic blocks a
+    BatchNorm after each conv again, initialised to the identity on ``images`` (normalized
+    training images; :func:`metamorph.models.insert_batchnorm`), trained with batch statistics
+    and recalibrated per shape for evaluation; the others are the BN-replacement strategies
     of Sommariva et al. (SkipInit alpha init 0, fixed or learnable shortcut scaling), applied to the
     metamorphic blocks only. ``init="paper"``: new scalars start at the paper's init (alpha 0,
     shortcut scale 1), which changes a pretrained network's function (the folded fine-tuned
@@ -141,14 +148,17 @@ def apply_bn_strategy(
             "sqrt(0.5) also scales the shortcut); use learnable_shortcut or bn_init=paper"
         )
     if strategy not in BN_STRATEGIES:
-        raise ValueError(
-            f"prepare.bn_strategy={strategy!r}; choose one of {BN_STRATEGIES} (keeping BN inside "
-            "metamorphic blocks is not supported: the INR emits folded convolutions)"
-        )
+        raise ValueError(f"prepare.bn_strategy={strategy!r}; choose one of {BN_STRATEGIES}")
     if strategy == "fold":
         return model
     if model.arch.bn:
         raise ValueError(f"bn_strategy={strategy} needs prepare.fold_bn=true")
+    if strategy == "keep":
+        if images is None:
+            raise ValueError(
+                "bn_strategy=keep needs training images to initialise the kept BatchNorm"
+            )
+        return insert_batchnorm(model, blocks, images)
     arch = ResNetArch.from_dict(model.arch.to_dict())
     arch.block_variants = {**arch.block_variants, **{b: strategy for b in blocks}}
     new = CifarResNet(arch)
@@ -194,13 +204,23 @@ def run_metamorph(cfg: DictConfig) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     teacher = prepared if mcfg.loss.kd > 0 else None  # the prepared network, before any strategy
     scope = block_names(prepared.arch) if mcfg.spec.blocks in (["all"], "all") else mcfg.spec.blocks
+    dm = build_datamodule(cfg.data, mean=prepared.arch.mean, std=prepared.arch.std, seed=cfg.seed)
+    dm.setup("fit")
+    strategy = p.get("bn_strategy", "fold")
+    calib = None
+    if strategy == "keep":  # BN statistics: identity init now, per-shape evaluation later
+        calib, _ = dm.subset("train", int(p.get("bn_calibration_images", 1024)), seed=cfg.seed)
     prepared = apply_bn_strategy(
-        prepared, list(scope), p.get("bn_strategy", "fold"), p.get("bn_init", "paper")
+        prepared,
+        list(scope),
+        strategy,
+        p.get("bn_init", "paper"),
+        images=None if calib is None else dm.transform_batch(calib),
     )
     save_model(prepared, out_dir / "prepared", meta={"source": str(base_path), **prep_report})
     net = MetaResNet(prepared, mcfg.spec, mcfg.inr, shared=mcfg.shared)
-    dm = build_datamodule(cfg.data, mean=prepared.arch.mean, std=prepared.arch.std, seed=cfg.seed)
-    dm.setup("fit")
+    if calib is not None:
+        net.set_bn_calibration(calib)
     module = MetamorphModule(net, mcfg, teacher=teacher, hparams=plain(cfg))
     sw = cfg.task.sweep
     sweep = RatioSweep(
