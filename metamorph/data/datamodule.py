@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, TensorDataset
 
 from .sources import CifarArrays, DataError, load_cifar
 from .transforms import hwc_to_nchw, normalize, random_crop_flip
 
-__all__ = ["CIFARDataModule", "stratified_indices"]
+__all__ = ["CIFARDataModule", "EpochSampler", "ResumableLoader", "stratified_indices"]
 
 SPLITS = ("train", "val", "test")
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -38,6 +40,118 @@ def stratified_indices(labels: np.ndarray, n: int, rng: np.random.Generator) -> 
     return np.sort(picked)
 
 
+class EpochSampler(DistributedSampler):
+    """Shuffles the dataset afresh each epoch: the order of epoch ``e`` is
+    ``randperm(n, generator=Generator().manual_seed(seed * 1_000_003 + e))``, a function of
+    ``(seed, e)`` only; Lightning advances ``e`` through :meth:`set_epoch`.
+
+    With ``num_replicas > 1`` the order is padded and dealt out to the ranks exactly like
+    :class:`~torch.utils.data.DistributedSampler` (of which this is a subclass, so Lightning
+    does not wrap it in a distributed sampler of its own); ``num_replicas=1`` is plain shuffling.
+
+    :attr:`start` (set by :class:`ResumableLoader` when it resumes) drops that many indices
+    from the front of the next iteration only: a slice of the index list, no data is loaded.
+    """
+
+    def __init__(self, dataset: Dataset, seed: int = 0, num_replicas: int = 1, rank: int = 0):
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
+        self.start = 0
+
+    def indices(self, epoch: int | None = None) -> list[int]:
+        """This rank's full index order of ``epoch`` (default: the current one)."""
+        epoch = self.epoch if epoch is None else int(epoch)
+        n = len(self.dataset)
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        order = torch.randperm(n, generator=g).tolist()
+        if n and self.total_size > n:  # pad by repetition like DistributedSampler
+            order = (order * -(-self.total_size // n))[: self.total_size]
+        return order[self.rank : self.total_size : self.num_replicas]
+
+    def __iter__(self) -> Iterator[int]:
+        start, self.start = self.start, 0
+        return iter(self.indices()[start:])
+
+
+class ResumableLoader(DataLoader):
+    """The training :class:`DataLoader`, resumable mid-epoch (Lightning's ``state_dict`` /
+    ``load_state_dict`` loader interface).
+
+    It counts the batches it has yielded in the current epoch (in the main process, so also
+    with ``num_workers > 0``). :meth:`state_dict` is ``{"epoch", "batches_done", "seed"}``;
+    Lightning's training fetcher does not read ahead of a loader with a length, so
+    ``batches_done`` is the number of batches the training has taken. After
+    :meth:`load_state_dict` the next iteration of that epoch starts at batch ``batches_done``
+    (the sampler's index list is sliced, skipped batches are never loaded). An iteration
+    starts lazily, at its first batch, so it uses the epoch Lightning set with ``set_epoch``
+    even when ``iter()`` was called earlier (as Lightning does when it resumes).
+    :attr:`position` is ``(epoch, index)`` of the last batch yielded.
+    """
+
+    def __init__(
+        self,
+        dataset: Dataset,
+        batch_size: int | None = 1,
+        *,
+        seed: int = 0,
+        num_replicas: int = 1,
+        rank: int = 0,
+        sampler: Any = None,
+        **kwargs: Any,
+    ) -> None:
+        if sampler is None:
+            sampler = EpochSampler(dataset, seed=seed, num_replicas=num_replicas, rank=rank)
+        # A generator of its own keeps the per-iterator worker base seed off the global RNG.
+        kwargs.setdefault("generator", torch.Generator().manual_seed(int(seed)))
+        super().__init__(dataset, batch_size=batch_size, sampler=sampler, **kwargs)
+        self.seed = int(seed)
+        self._epoch = int(getattr(sampler, "epoch", 0))
+        self._done = 0
+        self._resume: tuple[int, int] | None = None
+        self.position: tuple[int, int] | None = None
+
+    def __iter__(self) -> Iterator[Any]:
+        return self._iterate()
+
+    def _iterate(self) -> Iterator[Any]:
+        epoch = int(getattr(self.sampler, "epoch", 0))
+        skip = 0
+        if self._resume is not None:
+            resume_epoch, done = self._resume
+            self._resume = None
+            if resume_epoch == epoch and done > 0:  # else that epoch was over: start afresh
+                if isinstance(self.sampler, EpochSampler) and self.batch_size is not None:
+                    self.sampler.start = done * self.batch_size
+                    skip = done
+                else:
+                    warnings.warn(
+                        f"{type(self).__name__}: cannot skip the {done} batches already trained "
+                        f"on with sampler {type(self.sampler).__name__}; the epoch restarts",
+                        stacklevel=2,
+                    )
+        self._epoch, self._done = epoch, skip
+        for batch in super().__iter__():
+            self.position = (epoch, self._done)
+            self._done += 1
+            yield batch
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self._epoch, "batches_done": self._done, "seed": self.seed}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        epoch, done = int(state_dict["epoch"]), int(state_dict["batches_done"])
+        if int(state_dict.get("seed", self.seed)) != self.seed:
+            warnings.warn(
+                f"{type(self).__name__}: resuming with seed {self.seed}, but the state was saved "
+                f"with seed {state_dict['seed']}: the rest of the epoch is a different order",
+                stacklevel=2,
+            )
+        if hasattr(self.sampler, "set_epoch"):
+            self.sampler.set_epoch(epoch)
+        self._epoch, self._done = epoch, done
+        self._resume = (epoch, done)
+        self.position = None
+
+
 class CIFARDataModule(L.LightningDataModule):
     """CIFAR-10/100 as in-memory uint8 tensors; augmentation and normalization run on the
     batch after it reaches the device (``on_after_batch_transfer``), so on the GPU for GPU runs.
@@ -50,6 +164,16 @@ class CIFARDataModule(L.LightningDataModule):
     Loaders yield ``(uint8 NCHW images, int64 labels)``; after transfer the trainer sees
     normalized float32 images (crop+flip augmented when ``augment`` and the trainer is training).
     Note: Lightning uses this hook instead of a model's own ``on_after_batch_transfer``.
+
+    Resuming: the training loader (:class:`ResumableLoader` over an :class:`EpochSampler`) is
+    resumable mid-epoch. Its order in epoch ``e`` depends only on ``(seed, e)``, and the
+    augmentation of a training batch only on ``(seed, e, batch index, rank)``; Lightning stores
+    the loader's position (epoch, batches taken) in the checkpoint's loop state, so a run
+    killed mid-epoch and resumed from ``last.ckpt`` trains on exactly the batches (same images,
+    order and augmentation) of an uninterrupted run. Under DDP the sampler shards the order
+    itself, like ``DistributedSampler``. Outside a Trainer the order only changes when
+    ``set_epoch`` is called; :meth:`transform_batch` without a ``generator`` draws from a
+    stateful generator of the data module.
     """
 
     def __init__(
@@ -183,11 +307,13 @@ class CIFARDataModule(L.LightningDataModule):
             persistent_workers=self.num_workers > 0,
         )
         if train:
-            return DataLoader(
+            trainer = self.trainer  # None outside a Trainer
+            return ResumableLoader(
                 dataset,
                 batch_size=self.batch_size,
-                shuffle=True,
-                generator=torch.Generator().manual_seed(self.seed),
+                seed=self.seed,
+                num_replicas=getattr(trainer, "world_size", 1),  # shards itself under DDP
+                rank=getattr(trainer, "global_rank", 0),
                 # A set smaller than one batch would otherwise yield no batches at all.
                 drop_last=len(dataset) >= self.batch_size,
                 **kwargs,
@@ -206,17 +332,37 @@ class CIFARDataModule(L.LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         return self._loader("test", train=False)
 
-    def transform_batch(self, x: torch.Tensor, augment: bool = False) -> torch.Tensor:
-        """uint8 NCHW batch -> normalized float32 (optionally crop+flip augmented first)."""
+    def transform_batch(
+        self, x: torch.Tensor, augment: bool = False, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """uint8 NCHW batch -> normalized float32 (optionally crop+flip augmented first, drawing
+        from ``generator``, by default a stateful generator of the data module)."""
         if augment:
-            x = random_crop_flip(x, padding=self.padding, generator=self._aug_generator)
+            gen = generator if generator is not None else self._aug_generator
+            x = random_crop_flip(x, padding=self.padding, generator=gen)
         return normalize(x, self.mean, self.std)
+
+    def augment_generator(self, epoch: int, batch: int, rank: int = 0) -> torch.Generator:
+        """The generator that augments training batch ``batch`` of ``epoch`` (on ``rank``)."""
+        key = np.random.SeedSequence([self.seed % 2**64, epoch, batch, rank])
+        return torch.Generator().manual_seed(int(key.generate_state(1, np.uint64)[0]))
+
+    def _train_batch_generator(self) -> torch.Generator | None:
+        """The generator of the training batch the trainer's loader yielded last, if known."""
+        loader = getattr(self.trainer, "train_dataloader", None)
+        if not isinstance(loader, ResumableLoader) or loader.position is None:
+            return None
+        rank = loader.sampler.rank if isinstance(loader.sampler, EpochSampler) else 0
+        return self.augment_generator(*loader.position, rank=rank)
 
     def on_after_batch_transfer(self, batch: Batch, dataloader_idx: int) -> Batch:
         x, y = batch
         trainer = self.trainer
-        training = trainer is not None and bool(trainer.training)
-        return self.transform_batch(x, augment=self.augment and training), y
+        augment = self.augment and trainer is not None and bool(trainer.training)
+        # Lightning transfers each training batch right after taking it from the loader (no
+        # read-ahead for a loader with a length), so the loader's position names this batch.
+        gen = self._train_batch_generator() if augment else None
+        return self.transform_batch(x, augment=augment, generator=gen), y
 
     def normalized_batches(
         self,
