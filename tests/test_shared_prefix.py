@@ -152,3 +152,32 @@ def test_sandwich_with_three_widths_per_step_is_smallest_largest_random():
 def test_widths_per_step_below_one_is_refused():
     with pytest.raises(ValueError, match="widths_per_step=0"):
         ShapeSampler(meta_net(), SamplingConfig(widths_per_step=0))
+
+
+def test_gradient_accumulation_draws_a_shape_per_micro_batch(monkeypatch):
+    """With accumulate_grad_batches=4 and full_width_every=4 the first micro-batch of every
+    group is the full width and the other three draw their own shapes (the seed paper's scheme)."""
+    from types import SimpleNamespace
+
+    module = _module(True, widths=1)
+    module.cfg.sampling.full_width_every = 4
+    fake = SimpleNamespace(accumulate_grad_batches=4, global_step=0)
+    monkeypatch.setattr(module, "_trainer", fake)
+    drawn = []
+    sample_step = module.sampler.sample_step
+    monkeypatch.setattr(module.sampler, "sample_step", lambda i: drawn.append(i) or sample_step(i))
+    module.log = lambda *a, **k: None
+    x, y = _images()
+    for batch_idx in range(8):
+        fake.global_step = batch_idx // 4
+        module.training_step((x, y), batch_idx)
+    assert drawn == list(range(8))
+    shapes = [module.sampler.sample_step(i)[0] for i in range(8)]
+    full = module.net.full_shape
+    assert [module.sampler.is_full_step(i) for i in range(8)] == [True, False, False, False] * 2
+    assert shapes[0] == shapes[4] == full
+    assert len({repr(s) for s in shapes[1:4] + shapes[5:]}) > 1
+    # without accumulation the index is the optimizer step
+    fake.accumulate_grad_batches = 1
+    fake.global_step = 5
+    assert module.micro_batch(3) == 5

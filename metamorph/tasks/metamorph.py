@@ -268,14 +268,24 @@ class MetamorphModule(L.LightningModule):
             self._teacher_prefix_ok[n] = ok
         return n if ok else None
 
+    def micro_batch(self, batch_idx: int) -> int:
+        """Index of this micro-batch in the whole run: the optimizer step with gradient
+        accumulation off; with ``trainer.accumulate_grad_batches=a``, ``step * a + position in
+        the group``, so each micro-batch draws its own shape and ``full_width_every=a`` forces
+        the first micro-batch of every group to full width (the seed paper's scheme)."""
+        trainer = self._trainer
+        accum = int(getattr(trainer, "accumulate_grad_batches", 1) or 1) if trainer else 1
+        return self.global_step * accum + (batch_idx % accum if accum > 1 else 0)
+
     def training_step(self, batch, batch_idx):
         x, y = batch
         step = self.global_step
+        micro = self.micro_batch(batch_idx)
         cfg = self.cfg
         warm = step < cfg.recon_warmup_steps
         # the warm-up only fits the full-width emission: no sampled shape to emit
-        shapes = [self.net.full_shape] if warm else self.sampler.sample_step(step)
-        g = self.sampler.generator(step + 7919)
+        shapes = [self.net.full_shape] if warm else self.sampler.sample_step(micro)
+        g = self.sampler.generator(micro + 7919)
         emissions = [
             self.net.emit(h, noise=cfg.coord_noise, generator=g, quirk=cfg.noise_quirk)
             for h in shapes
