@@ -207,3 +207,16 @@ def test_keep_strategy_end_to_end_through_hydra(tmp_path):
     logits = net(x, h, em)
     assert torch.isfinite(logits).all()
     torch.testing.assert_close(materialize(loaded, h, k=1)(x), logits, rtol=1e-4, atol=1e-4)
+
+
+def test_checkpoints_without_calibration_images_still_load():
+    """Networks saved before kept BatchNorm existed have no ``bn_calib`` entry."""
+    from test_hypernet import meta_net
+
+    net = meta_net(["layer3.2"])
+    state = {k: v for k, v in net.state_dict().items() if k != "bn_calib"}
+    fresh = meta_net(["layer3.2"])
+    fresh.load_state_dict(state)  # strict
+    assert fresh.bn_calib.numel() == 0
+    h = fresh.shape_for_gamma(0.5)
+    assert fresh.bn_statistics(h, fresh.emit(h)) == {}

@@ -378,6 +378,9 @@ class MetaResNet(nn.Module):
         key = prefix + "bn_calib"
         if key in state_dict:  # its size is the stored images', not the empty default's
             self.bn_calib = torch.empty_like(state_dict[key], device=self.bn_calib.device)
+        else:  # checkpoints written before kept BatchNorm existed have none (and need none)
+            state_dict[key] = torch.zeros(0, dtype=torch.uint8)
+            self.bn_calib = torch.zeros(0, dtype=torch.uint8, device=self.bn_calib.device)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @torch.no_grad()
