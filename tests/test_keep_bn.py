@@ -104,7 +104,7 @@ def test_evaluation_needs_and_gets_per_shape_statistics(kept):
         mean = em["layer3.2.bn1.running_mean"]
         assert mean.shape == (h[2][2],)
         # the statistics are those of this shape's batch-statistics pass over the stored images
-        calib = net._calib_input(net.bn_calib)
+        calib = net.bn_calib  # stored normalized (float) here
         tmpl = net.template(h).train()
         params = net.params_for(h, em, fresh_bn_stats=True)
         feats: list[torch.Tensor] = []

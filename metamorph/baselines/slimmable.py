@@ -40,6 +40,7 @@ from metamorph.baselines.pruning import (
     resolve_blocks,
     shape_for_gamma,
 )
+from metamorph.models.calibrate import recalibrate_batchnorm
 from metamorph.models.resnet_cifar import CifarResNet
 
 Shape = list[list[int]]
@@ -98,10 +99,6 @@ class SlimmableConfig:
 def shape_key(hidden: Shape) -> str:
     """The key of a shape in the per-width BN statistics (``json.dumps(hidden)``)."""
     return json.dumps([[int(w) for w in s] for s in hidden])
-
-
-def _is_bn_stat(name: str) -> bool:
-    return name.endswith(("running_mean", "running_var", "num_batches_tracked"))
 
 
 @torch.no_grad()
@@ -270,19 +267,7 @@ class SlimmableResNet(nn.Module):
         """Re-estimate every BN layer's statistics at ``hidden`` from ``batches`` (normalized
         ``(x, y)`` or ``x``; train mode, no gradients, cumulative average); stores and returns them."""
         net = self.materialize(hidden, use_calibrated=False)
-        for m in net.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.reset_running_stats()
-                m.momentum = None  # cumulative moving average over the calibration batches
-        net.train()
-        n = 0
-        for batch in batches:
-            x = batch[0] if isinstance(batch, (tuple, list)) else batch
-            net(x.to(next(net.parameters()).device))
-            n += 1
-        if n == 0:
-            raise ValueError("BN recalibration got no batches")
-        stats = {k: v.detach().clone() for k, v in net.state_dict().items() if _is_bn_stat(k)}
+        stats = recalibrate_batchnorm(net, batches)
         self.calibrated[shape_key(hidden)] = stats
         return stats
 

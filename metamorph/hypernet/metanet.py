@@ -16,13 +16,14 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from metamorph.data.transforms import normalize
 from metamorph.hypernet.inr import INRConfig, TensorSlot, WeightINR
+from metamorph.models.calibrate import BN_STATS, recalibrate_batchnorm
 from metamorph.models.resnet_cifar import CifarResNet, ResNetArch
 
 Shape = list[list[int]]
 BLOCK_TENSORS = ("conv1.weight", "conv1.bias", "conv2.weight", "conv2.bias")
 KEPT_BN_PARAMS = ("bn1.weight", "bn1.bias", "bn2.weight", "bn2.bias")
-BN_STATS = ("running_mean", "running_var", "num_batches_tracked")
 VARIANT_SCALARS = {"skipinit": "alpha", "learnable_shortcut": "shortcut_scale"}
 
 
@@ -309,7 +310,7 @@ class MetaResNet(nn.Module):
                 params[name] = emitted[name]
             elif name.replace(".", "__") in self.shared:
                 params[name] = self.anchor_tensor(name, tuple(ref.shape))
-            elif self._kept_bn_stat(name) and (
+            elif self._kept_bn_block(name) and (
                 fresh_bn_stats or self._kept_bn_block(name) in self.meta_blocks
             ):
                 if not fresh_bn_stats:
@@ -364,9 +365,6 @@ class MetaResNet(nn.Module):
         ok = block in self.base_arch.bn_blocks and name.endswith(BN_STATS)
         return block if ok else None
 
-    def _kept_bn_stat(self, name: str) -> bool:
-        return self._kept_bn_block(name) is not None
-
     def set_bn_calibration(self, images: torch.Tensor) -> None:
         """Store the images (uint8 NCHW, or already normalized float) on which :meth:`bn_statistics`
         computes each shape's BatchNorm statistics; saved with the network."""
@@ -392,16 +390,12 @@ class MetaResNet(nn.Module):
         batch_size: int = 256,
     ) -> dict[str, torch.Tensor]:
         """Statistics of every kept BatchNorm layer of the network at ``hidden`` (running mean,
-        variance, count), as BN recalibration computes them: the network in training mode over
-        ``images`` (default: the stored calibration images), cumulative averages. ``{}`` when
-        no BatchNorm is kept."""
-        template = self.template(hidden)
-        stats = {
-            n: self._fresh_stat(n, ref.shape)
-            for n, ref in template.state_dict(keep_vars=True).items()
-            if self._kept_bn_stat(n)
-        }
-        if not stats:
+        variance, count), by BN recalibration of the shape's plain network over ``images``
+        (default: the stored calibration images). ``{}`` when no BatchNorm is kept."""
+        names = [
+            n for n in self.template(hidden).state_dict(keep_vars=True) if self._kept_bn_block(n)
+        ]
+        if not names:
             return {}
         x_all = self.bn_calib if images is None else images
         if len(x_all) == 0:
@@ -409,20 +403,13 @@ class MetaResNet(nn.Module):
                 "this network keeps BatchNorm but has no calibration images for its statistics: "
                 "call set_bn_calibration(train_images) (metamorph-train stores them)"
             )
-        params = self.params_for(hidden, {**emitted, **stats})
-        bns = [m for m in template.modules() if isinstance(m, nn.BatchNorm2d)]
-        momenta = [m.momentum for m in bns]
-        template.train(True)
-        try:
-            for m in bns:
-                m.momentum = None  # cumulative average over the batches
-            for i in range(0, len(x_all), batch_size):
-                functional_call(template, params, (self._calib_input(x_all[i : i + batch_size]),))
-        finally:
-            for m, mom in zip(bns, momenta):
-                m.momentum = mom
-            template.train(False)
-        return stats
+        net = CifarResNet(self.arch_for(hidden)).to(self.bn_calib.device)
+        net.load_state_dict(self.params_for(hidden, emitted, fresh_bn_stats=True))
+        if x_all.dtype == torch.uint8:
+            x_all = normalize(x_all, self.base_arch.mean, self.base_arch.std)
+        batches = (x_all[i : i + batch_size] for i in range(0, len(x_all), batch_size))
+        stats = recalibrate_batchnorm(net, batches)
+        return {n: stats[n] for n in names}
 
     def _fresh_stat(self, name: str, shape) -> torch.Tensor:
         dev = self.bn_calib.device
@@ -430,14 +417,6 @@ class MetaResNet(nn.Module):
             return torch.zeros((), dtype=torch.long, device=dev)
         fill = 1.0 if name.endswith("running_var") else 0.0
         return torch.full(tuple(shape), fill, device=dev)
-
-    def _calib_input(self, x: torch.Tensor) -> torch.Tensor:
-        dev = self.bn_calib.device
-        if x.dtype != torch.uint8:
-            return x.to(dev)
-        mean = torch.tensor(self.base_arch.mean, device=dev).view(1, -1, 1, 1)
-        std = torch.tensor(self.base_arch.std, device=dev).view(1, -1, 1, 1)
-        return (x.to(dev).float() / 255.0 - mean) / std
 
     def frozen_prefix(self) -> int | None:
         """How many leading blocks every shape computes from the frozen prepared weights alone

@@ -169,3 +169,34 @@ def calibrate_to(
 ) -> dict[str, float]:
     """:func:`match_channel_stats` of ``model`` to ``reference_model``'s statistics on ``images``."""
     return match_channel_stats(model, channel_stats(reference_model, images, batch_size), images)
+
+
+BN_STATS = ("running_mean", "running_var", "num_batches_tracked")
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(model: nn.Module, batches) -> dict[str, torch.Tensor]:
+    """Re-estimate every BatchNorm layer's running statistics of ``model`` in place from
+    ``batches`` (normalized images, or ``(x, y)`` pairs): statistics reset, training mode, no
+    gradients, cumulative average (momentum ``None``); the model's mode and momenta are
+    restored. Returns the statistics as state-dict entries (copies)."""
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    momenta, was_training = [m.momentum for m in bns], model.training
+    device = next(model.parameters()).device
+    try:
+        for m in bns:
+            m.reset_running_stats()
+            m.momentum = None
+        model.train()
+        n = 0
+        for batch in batches:
+            x = batch[0] if isinstance(batch, (tuple, list)) else batch
+            model(x.to(device))
+            n += 1
+        if n == 0:
+            raise ValueError("BN recalibration got no batches")
+    finally:
+        for m, mom in zip(bns, momenta):
+            m.momentum = mom
+        model.train(was_training)
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if k.endswith(BN_STATS)}

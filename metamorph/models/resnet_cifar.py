@@ -103,10 +103,6 @@ class ResNetArch:
         if len(self.mean) != self.in_channels or len(self.std) != self.in_channels:
             raise ValueError("mean and std need one value per input channel")
 
-    def keeps_bn(self, name: str) -> bool:
-        """Whether block ``name`` has BatchNorm layers (all blocks when ``bn``)."""
-        return self.bn or name in self.bn_blocks
-
     def variant_of(self, name: str) -> str:
         """The block variant of block ``name`` (``"layer2.0"``)."""
         return self.block_variants.get(name, self.block_variant)
@@ -268,10 +264,8 @@ class CifarResNet(nn.Module):
         return [blk for stage in self.stages() for blk in stage]
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.relu(self.bn1(self.conv1(x)))
-        for stage in self.stages():
-            out = stage(out)
-        return F.adaptive_avg_pool2d(out, 1).flatten(1)
+        """Pooled features (the classifier's input)."""
+        return F.adaptive_avg_pool2d(self(x, stop=len(self.blocks())), 1).flatten(1)
 
     def forward(
         self, x: torch.Tensor, start: int | None = None, stop: int | None = None
@@ -280,8 +274,6 @@ class CifarResNet(nn.Module):
         ``stop=k`` returns the activation after the stem and the first k blocks, ``start=k`` takes
         that activation as ``x`` and finishes the network, so
         ``net(net(x, stop=k), start=k) == net(x)`` (used to share a frozen prefix)."""
-        if start is None and stop is None:
-            return self.fc(self.forward_features(x))
         blocks = self.blocks()
         first = 0 if start is None else int(start)
         last = len(blocks) if stop is None else int(stop)
