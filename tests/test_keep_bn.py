@@ -220,3 +220,61 @@ def test_checkpoints_without_calibration_images_still_load():
     assert fresh.bn_calib.numel() == 0
     h = fresh.shape_for_gamma(0.5)
     assert fresh.bn_statistics(h, fresh.emit(h)) == {}
+
+
+def _bias_module(kept, on: bool) -> MetamorphModule:
+    cfg = MetamorphConfig(spec=MetaSpec(blocks=BLOCKS, anchor=True, bias_after_bn=on), inr=TINY)
+    torch.manual_seed(0)
+    net = MetaResNet(kept, cfg.spec, cfg.inr)
+    net.set_bn_calibration(_images(96, seed=1))
+    with torch.no_grad():  # move the INR off its zero-output start so corrections are non-zero
+        g = torch.Generator().manual_seed(7)
+        for p in net.inr.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    return MetamorphModule(net, cfg)
+
+
+@pytest.mark.parametrize("gamma", [0.0, 0.5])
+def test_bias_after_bn_turns_the_dead_bias_heads_into_a_per_shape_bn_shift(kept, gamma):
+    x = _images(32, seed=6)
+    outs = {}
+    for on in (False, True):
+        net = _bias_module(kept, on).net.train()
+        h = net.shape_for_gamma(gamma)
+        em = net.emit(h)
+        bumped = dict(em, **{"layer3.2.conv1.bias": em["layer3.2.conv1.bias"] + 1.0})
+        base, moved = net(x, h, em), net(x, h, bumped)
+        if not on:  # the BN cancels the conv bias: the bias head cannot act
+            torch.testing.assert_close(moved, base, rtol=1e-4, atol=1e-4)
+            outs[on] = base
+            continue
+        assert (moved - base).abs().max() > 1e-2
+        # the shift lands on the BN's beta: conv bias change c == beta + c
+        params = net.params_for(h, em, fresh_bn_stats=True)
+        for blk in BLOCKS:
+            for i in (1, 2):
+                b = em[f"{blk}.conv{i}.bias"]
+                shift = b - net.anchor_tensor(f"{blk}.conv{i}.bias", tuple(b.shape))
+                assert shift.abs().max() > 0
+                beta = net.anchor_tensor(f"{blk}.bn{i}.bias", tuple(b.shape))
+                torch.testing.assert_close(params[f"{blk}.bn{i}.bias"], beta + shift)
+        # gradients now reach the INR through its bias outputs
+        net.zero_grad()
+        net(x, h, net.emit(h)).square().mean().backward()
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in net.inr.parameters())
+        assert (base - outs[False]).abs().max() > 1e-3  # same INR, different function
+
+
+def test_bias_after_bn_materializes_and_exports_the_same_function(kept):
+    module = _bias_module(kept, True)
+    net = module.net.eval()
+    x = _images(16, seed=8)
+    h = net.shape_for_gamma(0.25)
+    ref = net(x, h, module.emit_eval(h, k=1))
+    torch.testing.assert_close(net.materialize(h)(x), ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(materialize(module, h, k=1)(x), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_bias_after_bn_needs_kept_batchnorm(folded):
+    with pytest.raises(ValueError, match="bias_after_bn=true needs BatchNorm kept"):
+        MetaResNet(folded, MetaSpec(blocks=BLOCKS, anchor=True, bias_after_bn=True), TINY)

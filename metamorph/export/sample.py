@@ -194,11 +194,7 @@ def materialize(
     network's, or the checkpoint's own full width with a trainable anchor)."""
     net: MetaResNet = module.net
     net.check_shape(hidden)
-    emitted = module.emit_eval(hidden, k=k, seed=seed)
-    model = CifarResNet(net.arch_for(hidden))
-    state = {n: t.detach().cpu().clone() for n, t in net.params_for(hidden, emitted).items()}
-    model.load_state_dict(state)
-    model.eval()
+    model = net.materialize(hidden, emitted=module.emit_eval(hidden, k=k, seed=seed))
     if model.arch.bn_blocks:  # kept BatchNorm, with this shape's statistics: fold it to deploy
         fold_batchnorm(model)
     if calibrate_images is not None:

@@ -51,6 +51,10 @@ class MetaSpec:
     # a slimmable network are), so a shape's weights are a slice of trained shared weights plus
     # the INR's shape-dependent correction; needs ``anchor``
     anchor_trainable: bool = False
+    # metamorph extension for kept BatchNorm: a BN right after a conv cancels that conv's bias, so
+    # the INR's bias output (its change from the anchor / prepared bias) shifts the BN's output
+    # instead -- a per-shape BN beta; off, the bias heads are dead weight under keep BN
+    bias_after_bn: bool = False
 
     def __post_init__(self) -> None:
         if self.anchor_trainable and not self.anchor:
@@ -125,6 +129,11 @@ class MetaResNet(nn.Module):
             )
         for b in self.base_arch.bn_blocks:
             shared += [f"{b}.{t}" for t in KEPT_BN_PARAMS if f"{b}.{t}" not in shared]
+        if spec.bias_after_bn and not self.base_arch.bn_blocks:
+            raise ValueError(
+                "task.scope.bias_after_bn=true needs BatchNorm kept in the metamorphic blocks "
+                "(task.prepare.bn_strategy=keep); with folded BN the conv bias already acts"
+            )
         self.register_buffer("bn_calib", torch.zeros(0, dtype=torch.uint8))
         self.shared = nn.ParameterDict()
         for name in shared:
@@ -322,7 +331,19 @@ class MetaResNet(nn.Module):
                 params[name] = self._fresh_stat(name, ref.shape)
             else:
                 params[name] = self.base_tensor(name)
+        if self.spec.bias_after_bn:
+            self._shift_kept_bn(params, emitted)
         return params
+
+    def _shift_kept_bn(self, params: dict[str, torch.Tensor], emitted: dict[str, torch.Tensor]):
+        """``bias_after_bn``: add each emitted conv bias's change from its anchor to the beta of
+        the kept BatchNorm that follows the conv (which would cancel the bias itself)."""
+        for blk in self.base_arch.bn_blocks:
+            for i in (1, 2):
+                conv_b, bn_b = f"{blk}.conv{i}.bias", f"{blk}.bn{i}.bias"
+                if conv_b in emitted and bn_b in params:
+                    b = emitted[conv_b]
+                    params[bn_b] = params[bn_b] + (b - self.anchor_tensor(conv_b, tuple(b.shape)))
 
     def template(self, hidden: Shape) -> nn.Module:
         """A parameter-less (meta-device) module of the right structure, cached per shape."""
@@ -450,12 +471,20 @@ class MetaResNet(nn.Module):
 
     @torch.no_grad()
     def materialize(
-        self, hidden: Shape, k: int = 1, noise: float = 0.0, seed: int = 0
+        self,
+        hidden: Shape,
+        k: int = 1,
+        noise: float = 0.0,
+        seed: int = 0,
+        emitted: dict[str, torch.Tensor] | None = None,
     ) -> CifarResNet:
-        """A standalone plain network (no INR) at ``hidden``."""
-        g = torch.Generator().manual_seed(seed)
-        emitted = self.emit(hidden, noise=noise, generator=g, k=k)
-        emitted.update(self.bn_statistics(hidden, emitted))
+        """A standalone plain network (no INR) at ``hidden``, on the CPU: from ``emitted`` (with
+        any kept-BN statistics), or from a fresh emission with this shape's statistics."""
+        self.check_shape(hidden)
+        if emitted is None:
+            g = torch.Generator().manual_seed(seed)
+            emitted = self.emit(hidden, noise=noise, generator=g, k=k)
+            emitted.update(self.bn_statistics(hidden, emitted))
         net = CifarResNet(self.arch_for(hidden))
         net.load_state_dict(
             {k_: v.detach().cpu() for k_, v in self.params_for(hidden, emitted).items()}
