@@ -181,3 +181,45 @@ def test_gradient_accumulation_draws_a_shape_per_micro_batch(monkeypatch):
     fake.accumulate_grad_batches = 1
     fake.global_step = 5
     assert module.micro_batch(3) == 5
+
+
+def test_in_place_distillation_targets_the_current_full_width_shape():
+    """kd_source=full_width: the narrow shape distils from the metamorphic network's own full width
+    (no gradient through it), not from the prepared teacher; the full width from the teacher."""
+    x, y = _images()
+    module = _module(True, widths=2)
+    module.cfg.loss.kd_source = "full_width"
+    with torch.no_grad():  # move the INR off the prepared weights: the two teachers differ
+        g = torch.Generator().manual_seed(3)
+        for p in module.net.inr.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    shapes = module.sampler.sample_step(0)
+    full, narrow = shapes
+    assert full == module.net.full_shape and narrow != full
+    _, grads, logged = _step(module, x, y)
+    assert grads
+    T = module.cfg.loss.kd_temperature
+    with torch.no_grad():
+        g = module.sampler.generator(7919)
+        em = [module.net.emit(h, noise=module.cfg.coord_noise, generator=g) for h in shapes]
+        t_full = module.net(x, full, em[0])
+        t_prep = module.teacher(x)
+
+        def kl(logits, t):
+            return torch.nn.functional.kl_div(
+                torch.log_softmax(logits / T, 1),
+                torch.log_softmax(t / T, 1),
+                reduction="batchmean",
+                log_target=True,
+            )
+
+        s_full, s_narrow = module.net(x, full, em[0]), module.net(x, narrow, em[1])
+        expect = float((kl(s_full, t_prep) + kl(s_narrow, t_full)) * T * T / 2)
+        other = float((kl(s_full, t_prep) + kl(s_narrow, t_prep)) * T * T / 2)
+    assert logged["train/kd"] == pytest.approx(expect, rel=1e-4)
+    assert abs(expect - other) > 1e-3 * max(expect, other)
+
+
+def test_unknown_kd_source_is_a_clear_error():
+    with pytest.raises(ValueError, match="kd_source='teachr'.*full_width"):
+        LossConfig(kd_source="teachr")

@@ -19,6 +19,8 @@ from metamorph.hypernet.sampling import SamplingConfig, ShapeSampler
 from metamorph.models.resnet_cifar import CifarResNet, ResNetArch
 from metamorph.tasks.optim import build_optimizer, build_scheduler
 
+KD_SOURCES = ("teacher", "full_width")
+
 
 @dataclass
 class LossConfig:
@@ -29,11 +31,22 @@ class LossConfig:
     # ~100x larger in mean square than the folded conv weights, take the whole loss)
     recon_type: str = "weighted"
     reg: float = 1e-4  # sum of L2 norms of the emitted tensors
-    kd: float = 0.0  # distillation from the prepared full network
+    kd: float = 0.0  # distillation weight
     kd_temperature: float = 4.0
+    # teacher: every shape distils from the prepared full network (fixed); full_width: narrower
+    # shapes distil from the metamorphic network's own current full-width shape, no gradient
+    # through it (a slimmable network's in-place distillation; one extra forward pass per step),
+    # and the full width from the teacher
+    kd_source: str = "teacher"
     # metamorph option (NeuMeta applies recon only on full-width steps): also fit the full-width
     # emission on every step, whatever width the step samples (one extra emission per step)
     recon_always: bool = False
+
+    def __post_init__(self) -> None:
+        if self.kd_source not in KD_SOURCES:
+            raise ValueError(
+                f"task.loss.kd_source={self.kd_source!r}; choose one of {list(KD_SOURCES)}"
+            )
 
 
 @dataclass
@@ -298,16 +311,29 @@ class MetamorphModule(L.LightningModule):
         if not warm and cfg.loss.ce > 0:
             start = self._prefix()
             inp = x if start is None else self.net.prefix_features(x, start)
-            t_logits = None
-            if cfg.loss.kd > 0 and self.teacher is not None:
-                with torch.no_grad():
-                    t_logits = self.teacher(x) if start is None else self.teacher(inp, start=start)
+            full = self.net.full_shape
+            in_place = cfg.loss.kd > 0 and cfg.loss.kd_source == "full_width"
+            t_teacher = t_full = None
+            with torch.no_grad():
+                if cfg.loss.kd > 0 and self.teacher is not None:
+                    if not in_place or full in shapes:
+                        t_teacher = (
+                            self.teacher(x) if start is None else self.teacher(inp, start=start)
+                        )
+                if in_place and any(h != full for h in shapes):
+                    t_emitted = full_emitted if full_emitted is not None else self.net.emit(full)
+                    t_full = self.net(inp, full, t_emitted, start=start)
             T = cfg.loss.kd_temperature
             ce = kd = 0.0
+            used_kd = False
             for hidden, emitted in zip(shapes, emissions):
                 logits = self.net(inp, hidden, emitted, start=start)
                 ce = ce + F.cross_entropy(logits, y)
+                # in place: narrower shapes distil from the current full width, which itself
+                # distils from the teacher (if any)
+                t_logits = t_full if (in_place and hidden != full) else t_teacher
                 if t_logits is not None:
+                    used_kd = True
                     kd = kd + F.kl_div(
                         F.log_softmax(logits / T, 1),
                         F.log_softmax(t_logits / T, 1),
@@ -315,7 +341,7 @@ class MetamorphModule(L.LightningModule):
                         log_target=True,
                     )
             losses["ce"] = cfg.loss.ce * ce / n
-            if t_logits is not None:
+            if used_kd:
                 losses["kd"] = cfg.loss.kd * kd * T * T / n
         if (full_emitted is not None or cfg.loss.recon_always) and cfg.loss.recon > 0:
             if full_emitted is None:
