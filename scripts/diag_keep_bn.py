@@ -34,19 +34,13 @@ from metamorph.hypernet.sampling import width_range  # noqa: E402
 from metamorph.tasks.metamorph_train import load_metamorph_checkpoint  # noqa: E402
 
 
-def cut_to(emitted: dict[str, torch.Tensor], hidden) -> dict[str, torch.Tensor]:
-    """Block tensors emitted at a wider shape, cut to the first ``hidden`` hidden channels."""
+def cut_to(net, emitted: dict[str, torch.Tensor], hidden) -> dict[str, torch.Tensor]:
+    """Block tensors emitted at a wider shape, cut to their shapes at ``hidden`` (the first d
+    hidden channels)."""
     out = {}
     for name, t in emitted.items():
-        block = name.rsplit(".", 2)[0]
-        s, b = (int(x) for x in block.removeprefix("layer").split("."))
-        d = hidden[s - 1][b]
-        if name.endswith(("conv1.weight", "conv1.bias")):
-            out[name] = t[:d]
-        elif name.endswith("conv2.weight"):
-            out[name] = t[:, :d]
-        else:
-            out[name] = t
+        shape = net.tensor_shape(name, hidden)
+        out[name] = t[tuple(slice(0, n) for n in shape)]
     return out
 
 
@@ -88,7 +82,7 @@ def main(argv: list[str] | None = None) -> None:
             for s, row in enumerate(h)
         ]
         with module.eval_weights():
-            cut = cut_to(net.emit(lo), h)
+            cut = cut_to(net, net.emit(lo), h)
         cut.update(net.bn_statistics(h, cut))
         print(
             f"gamma {gamma}: INR at the width {at_width:.2f}  "

@@ -193,7 +193,6 @@ def materialize(
     calibrated to the reference statistics of :func:`reference_stats_for` (the prepared
     network's, or the checkpoint's own full width with a trainable anchor)."""
     net: MetaResNet = module.net
-    net.check_shape(hidden)
     model = net.materialize(hidden, emitted=module.emit_eval(hidden, k=k, seed=seed))
     if model.arch.bn_blocks:  # kept BatchNorm, with this shape's statistics: fold it to deploy
         fold_batchnorm(model)

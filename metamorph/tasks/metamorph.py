@@ -313,6 +313,7 @@ class MetamorphModule(L.LightningModule):
             inp = x if start is None else self.net.prefix_features(x, start)
             full = self.net.full_shape
             in_place = cfg.loss.kd > 0 and cfg.loss.kd_source == "full_width"
+            outputs = [self.net(inp, h, e, start=start) for h, e in zip(shapes, emissions)]
             t_teacher = t_full = None
             with torch.no_grad():
                 if cfg.loss.kd > 0 and self.teacher is not None:
@@ -321,13 +322,15 @@ class MetamorphModule(L.LightningModule):
                             self.teacher(x) if start is None else self.teacher(inp, start=start)
                         )
                 if in_place and any(h != full for h in shapes):
-                    t_emitted = full_emitted if full_emitted is not None else self.net.emit(full)
-                    t_full = self.net(inp, full, t_emitted, start=start)
+                    t_full = (  # the step's own full-width logits, else one extra forward
+                        outputs[shapes.index(full)].detach()
+                        if full in shapes
+                        else self.net(inp, full, self.net.emit(full), start=start)
+                    )
             T = cfg.loss.kd_temperature
             ce = kd = 0.0
             used_kd = False
-            for hidden, emitted in zip(shapes, emissions):
-                logits = self.net(inp, hidden, emitted, start=start)
+            for hidden, logits in zip(shapes, outputs):
                 ce = ce + F.cross_entropy(logits, y)
                 # in place: narrower shapes distil from the current full width, which itself
                 # distils from the teacher (if any)
