@@ -229,6 +229,32 @@ def test_shared_tensors_get_their_own_learning_rate(folded):
     assert len(inr_group["params"]) == len(list(net.inr.parameters()))
 
 
+def test_shared_tensors_can_have_their_own_optimizer(folded):
+    from metamorph.config.schema import OptimConfig
+    from metamorph.tasks.optim import AdamWWithSGDGroups, build_optimizer
+
+    net = MetaResNet(
+        folded, MetaSpec(blocks=["layer3.2"], anchor=True, anchor_trainable=True), TINY
+    )
+    mod = _module(net, ScheduleConfig())
+    mod.cfg.optim = OptimConfig(name="adamw", lr=1e-3)
+    mod.cfg.shared_lr_factor = 0.1  # ignored once shared_optim is set
+    mod.cfg.shared_optim = OptimConfig(name="sgd", lr=0.02, momentum=0.9, weight_decay=5e-4)
+    opt = build_optimizer(mod.param_groups(), mod.cfg.optim)
+    assert isinstance(opt, AdamWWithSGDGroups)
+    inr_group, shared_group = opt.param_groups
+    assert shared_group["algo"] == "sgd" and shared_group["lr"] == pytest.approx(0.02)
+    assert shared_group["momentum"] == 0.9 and shared_group["weight_decay"] == 5e-4
+    assert inr_group["algo"] == "adamw" and inr_group["lr"] == pytest.approx(1e-3)
+    anchor = shared_group["params"][0]
+    before = anchor.detach().clone()
+    anchor.grad = torch.ones_like(anchor)
+    opt.step()
+    # plain SGD's first step: lr * (1 + momentum) * (grad + wd * w) with Nesterov
+    expected = before - 0.02 * 1.9 * (1 + 5e-4 * before)
+    torch.testing.assert_close(anchor.detach(), expected)
+
+
 def test_ratio_sweep_val_subset_is_seeded_and_test_uses_the_whole_split(folded, tmp_path):
     """Splits are stored class by class: a sweep must not evaluate only the first batches."""
     from types import SimpleNamespace

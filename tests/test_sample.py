@@ -11,6 +11,7 @@ import copy
 import csv
 import json
 import os
+import random
 import subprocess
 from pathlib import Path
 
@@ -409,11 +410,30 @@ def test_wrong_kind_and_corrupt_checkpoints(ckpt, workdir, tmp_path):
     cut.write_bytes(data[: len(data) // 2])
     _expect_error(tmp_path, ValueError, "truncated, corrupt", f"ckpt={cut}", "gamma=0.5")
     junk = tmp_path / "junk.ckpt"
-    junk.write_bytes(os.urandom(4096))
+    junk.write_bytes(random.Random(0).randbytes(4096))
     _expect_error(tmp_path, ValueError, "truncated, corrupt", f"ckpt={junk}", "gamma=0.5")
     _expect_error(
         tmp_path, FileNotFoundError, "not found", f"ckpt={tmp_path / 'nope.ckpt'}", "gamma=0.5"
     )
+
+
+def test_model_files_are_recognised_by_content_not_by_chance(ckpt, workdir, tmp_path):
+    """Renamed model files are still named as such; junk that merely starts like JSON or has a
+    '{' where a safetensors header would begin is reported as corrupt."""
+    model_file = workdir / "plain_renamed"
+    metamorph.io.save_model(metamorph.create_model("resnet20", blocks_per_stage=1), model_file)
+    for suffix in (".json", ".safetensors"):
+        renamed = tmp_path / f"model{suffix}.ckpt"
+        renamed.write_bytes(Path(f"{model_file}{suffix}").read_bytes())
+        _expect_error(tmp_path, ValueError, "plain model file", f"ckpt={renamed}", "gamma=0.5")
+    noise = random.Random(1).randbytes(4096)
+    for name, data in (
+        ("brace.ckpt", b"{" + noise),
+        ("header.ckpt", noise[:8] + b'{"' + noise),
+    ):
+        junk = tmp_path / name
+        junk.write_bytes(data)
+        _expect_error(tmp_path, ValueError, "truncated, corrupt", f"ckpt={junk}", "gamma=0.5")
 
 
 def test_unwritable_output(ckpt, tmp_path):

@@ -38,16 +38,28 @@ MODEL_FILE_SUFFIXES = (".json", ".safetensors")
 
 
 def _looks_like_model_file(path: Path) -> bool:
-    """A metamorph model file (JSON document or safetensors header) rather than a checkpoint."""
+    """A metamorph model file (a JSON document or a safetensors file) rather than a checkpoint.
+
+    Checkpoints are zip archives or pickles; a file counts as a model file only if it parses as
+    JSON or carries a consistent safetensors header (8-byte little-endian length that fits the
+    file, then a JSON object), so random bytes are not mistaken for one."""
     try:
+        size = path.stat().st_size
         with open(path, "rb") as fh:
-            head = fh.read(64)
+            head = fh.read(16)
+            if head.lstrip().startswith(b"{") and size <= 16 << 20:
+                fh.seek(0)
+                try:
+                    json.loads(fh.read())
+                    return True
+                except ValueError:
+                    return False
     except OSError:
         return False
-    if head.lstrip().startswith(b"{"):  # a JSON document (checkpoints are zip or pickle)
-        return True
-    # safetensors: 8-byte little-endian header length, then a JSON header starting with '{'
-    return len(head) > 9 and head[8:9] == b"{"
+    if len(head) < 10 or head[8:10] != b'{"':
+        return False
+    n = int.from_bytes(head[:8], "little")
+    return 2 <= n <= size - 8
 
 
 def load_metamorphic(path: str | os.PathLike):

@@ -17,7 +17,7 @@ from metamorph.hypernet.inr import INRConfig
 from metamorph.hypernet.metanet import MetaResNet, MetaSpec, Shape
 from metamorph.hypernet.sampling import SamplingConfig, ShapeSampler
 from metamorph.models.resnet_cifar import CifarResNet, ResNetArch
-from metamorph.tasks.optim import build_optimizer, build_scheduler
+from metamorph.tasks.optim import build_optimizer, build_scheduler, param_group
 
 KD_SOURCES = ("teacher", "full_width")
 
@@ -81,6 +81,9 @@ class MetamorphConfig:
     eval_k: int = 1
     shared: list[str] = field(default_factory=list)  # base tensors trained jointly (e.g. fc.weight)
     shared_lr_factor: float = 1.0  # learning rate of the shared tensors, x the INR's
+    # the shared tensors' own optimizer (e.g. the slimmable baseline's SGD); None: the INR's
+    # optimizer at shared_lr_factor x its learning rate
+    shared_optim: OptimConfig | None = None
     recon_warmup_steps: int = 0  # pure reconstruction steps before the first CE step
     # After the warm-up the gradients grow by orders of magnitude while Adam's second-moment
     # estimate still holds the tiny reconstruction gradients, so the first classifier steps are
@@ -430,11 +433,14 @@ class MetamorphModule(L.LightningModule):
         return [p for g in self.param_groups() for p in g["params"]]
 
     def param_groups(self) -> list[dict]:
-        """The INR, and the shared tensors at ``shared_lr_factor`` x its learning rate."""
+        """The INR, and the shared tensors: with their own optimizer settings (``shared_optim``)
+        or at ``shared_lr_factor`` x the INR's learning rate."""
         inr = [p for p in self.net.inr.parameters() if p.requires_grad]
         shared = [p for p in self.net.shared.parameters() if p.requires_grad]
         groups = [{"params": inr}]
-        if shared:
+        if shared and self.cfg.shared_optim is not None:
+            groups.append(param_group(shared, self.cfg.shared_optim))
+        elif shared:
             groups.append({"params": shared, "lr": self.cfg.optim.lr * self.cfg.shared_lr_factor})
         return groups
 

@@ -45,6 +45,7 @@ def metamorph_config(cfg: DictConfig) -> MetamorphConfig:
         "eval_k",
         "shared",
         "shared_lr_factor",
+        "shared_optim",
         "recon_warmup_steps",
         "reset_optimizer_after_warmup",
         "lr_ramp_steps",
@@ -73,6 +74,11 @@ def metamorph_config(cfg: DictConfig) -> MetamorphConfig:
         eval_k=int(t.eval_k),
         shared=list(t.shared),
         shared_lr_factor=float(t.get("shared_lr_factor", 1.0)),
+        shared_optim=(
+            typed(OptimConfig, t.shared_optim, "task.shared_optim")
+            if t.get("shared_optim") is not None
+            else None
+        ),
         recon_warmup_steps=int(t.recon_warmup_steps),
         reset_optimizer_after_warmup=bool(t.get("reset_optimizer_after_warmup", False)),
         lr_ramp_steps=int(t.get("lr_ramp_steps", 0)),

@@ -10,7 +10,99 @@ import torch
 from metamorph.config.schema import OptimConfig, SchedulerConfig
 
 
+OPTIMIZERS = ("sgd", "adamw")
+
+
+class AdamWWithSGDGroups(torch.optim.AdamW):
+    """AdamW in which the param groups marked ``algo="sgd"`` take SGD-with-momentum steps
+    (torch.optim.SGD's update, no dampening) with their own ``lr``, ``momentum``, ``nesterov`` and
+    ``weight_decay``: an INR trained with AdamW beside slimmable-style shared weights trained
+    with SGD, under one learning-rate schedule (each group keeps its own peak)."""
+
+    def __init__(self, params: Iterable, **adamw_kwargs) -> None:
+        super().__init__(params, **adamw_kwargs)
+        for g in self.param_groups:
+            algo = g.setdefault("algo", "adamw")
+            if algo not in OPTIMIZERS:
+                raise ValueError(f"param group algo={algo!r}; choose one of {OPTIMIZERS}")
+            if algo == "sgd":
+                missing = {"momentum", "nesterov"} - set(g)
+                if missing:
+                    raise ValueError(f"an algo='sgd' param group needs {sorted(missing)}")
+
+    def _split(self, groups: list[dict]) -> tuple[list[dict], list[dict]]:
+        return [g for g in groups if g.get("algo") != "sgd"], [
+            g for g in groups if g.get("algo") == "sgd"
+        ]
+
+    def __setstate__(self, state: dict) -> None:  # Adam's expects Adam state in every group
+        groups = state["param_groups"]
+        super().__setstate__(dict(state, param_groups=self._split(groups)[0]))
+        self.param_groups = groups
+
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        groups = self.param_groups
+        adam, sgd = self._split(groups)
+        self.param_groups = adam
+        try:
+            super().step()
+        finally:
+            self.param_groups = groups
+        with torch.no_grad():
+            for g in sgd:
+                self._sgd_step(g)
+        return loss
+
+    def _sgd_step(self, g: dict) -> None:
+        lr, mom, wd = g["lr"], g["momentum"], g["weight_decay"]
+        for p in g["params"]:
+            if p.grad is None:
+                continue
+            d = p.grad if wd == 0 else p.grad.add(p, alpha=wd)
+            if mom != 0:
+                state = self.state[p]
+                buf = state.get("momentum_buffer")
+                if buf is None:
+                    buf = state["momentum_buffer"] = d.detach().clone()
+                else:
+                    buf.mul_(mom).add_(d)
+                d = d.add(buf, alpha=mom) if g["nesterov"] else buf
+            p.add_(d, alpha=-lr)
+
+
+def param_group(params: Iterable, cfg: OptimConfig) -> dict:
+    """A param group with its own optimizer settings (``build_optimizer`` picks the class)."""
+    if cfg.name not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {cfg.name!r}; choose sgd or adamw")
+    group = {"params": list(params), "algo": cfg.name, "lr": cfg.lr}
+    group["weight_decay"] = cfg.weight_decay
+    if cfg.name == "sgd":
+        group["momentum"] = cfg.momentum
+        group["nesterov"] = cfg.nesterov and cfg.momentum > 0
+    else:
+        group["betas"] = tuple(cfg.betas)
+    return group
+
+
 def build_optimizer(params: Iterable, cfg: OptimConfig) -> torch.optim.Optimizer:
+    """``cfg``'s optimizer over ``params``; groups made by :func:`param_group` keep their own
+    algorithm: SGD groups inside an AdamW optimizer run on :class:`AdamWWithSGDGroups`."""
+    params = list(params)
+    algos = {g.get("algo", cfg.name) for g in params if isinstance(g, dict)} | {cfg.name}
+    if algos == {"adamw", "sgd"}:
+        if cfg.name != "adamw":
+            raise ValueError(
+                "AdamW param groups inside an SGD optimizer are not supported: use adamw as the "
+                "main optimizer (task.optim.name=adamw) with SGD groups, or one algorithm for all"
+            )
+        return AdamWWithSGDGroups(
+            params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay
+        )
+    params = [{k: v for k, v in g.items() if k != "algo"} if isinstance(g, dict) else g for g in params]
     if cfg.name == "sgd":
         return torch.optim.SGD(
             params,
