@@ -30,7 +30,8 @@ class AdamWWithSGDGroups(torch.optim.AdamW):
                 if missing:
                     raise ValueError(f"an algo='sgd' param group needs {sorted(missing)}")
 
-    def _split(self, groups: list[dict]) -> tuple[list[dict], list[dict]]:
+    @staticmethod
+    def _split(groups: list[dict]) -> tuple[list[dict], list[dict]]:
         return [g for g in groups if g.get("algo") != "sgd"], [
             g for g in groups if g.get("algo") == "sgd"
         ]
@@ -74,23 +75,28 @@ class AdamWWithSGDGroups(torch.optim.AdamW):
             p.add_(d, alpha=-lr)
 
 
-def param_group(params: Iterable, cfg: OptimConfig) -> dict:
-    """A param group with its own optimizer settings (``build_optimizer`` picks the class)."""
+def optimizer_settings(cfg: OptimConfig) -> dict:
+    """The torch keyword arguments of ``cfg``'s optimizer (lr, weight decay, and momentum /
+    Nesterov for SGD or betas for AdamW); an unknown name is a clear error."""
     if cfg.name not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {cfg.name!r}; choose sgd or adamw")
-    group = {"params": list(params), "algo": cfg.name, "lr": cfg.lr}
-    group["weight_decay"] = cfg.weight_decay
+    settings = {"lr": cfg.lr, "weight_decay": cfg.weight_decay}
     if cfg.name == "sgd":
-        group["momentum"] = cfg.momentum
-        group["nesterov"] = cfg.nesterov and cfg.momentum > 0
+        settings.update(momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0)
     else:
-        group["betas"] = tuple(cfg.betas)
-    return group
+        settings["betas"] = tuple(cfg.betas)
+    return settings
+
+
+def param_group(params: Iterable, cfg: OptimConfig) -> dict:
+    """A param group with its own optimizer settings (``build_optimizer`` picks the class)."""
+    return {"params": list(params), "algo": cfg.name, **optimizer_settings(cfg)}
 
 
 def build_optimizer(params: Iterable, cfg: OptimConfig) -> torch.optim.Optimizer:
     """``cfg``'s optimizer over ``params``; groups made by :func:`param_group` keep their own
     algorithm: SGD groups inside an AdamW optimizer run on :class:`AdamWWithSGDGroups`."""
+    settings = optimizer_settings(cfg)
     params = list(params)
     algos = {g.get("algo", cfg.name) for g in params if isinstance(g, dict)} | {cfg.name}
     if algos == {"adamw", "sgd"}:
@@ -99,23 +105,10 @@ def build_optimizer(params: Iterable, cfg: OptimConfig) -> torch.optim.Optimizer
                 "AdamW param groups inside an SGD optimizer are not supported: use adamw as the "
                 "main optimizer (task.optim.name=adamw) with SGD groups, or one algorithm for all"
             )
-        return AdamWWithSGDGroups(
-            params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay
-        )
+        return AdamWWithSGDGroups(params, **settings)
     params = [{k: v for k, v in g.items() if k != "algo"} if isinstance(g, dict) else g for g in params]
-    if cfg.name == "sgd":
-        return torch.optim.SGD(
-            params,
-            lr=cfg.lr,
-            momentum=cfg.momentum,
-            nesterov=cfg.nesterov and cfg.momentum > 0,
-            weight_decay=cfg.weight_decay,
-        )
-    if cfg.name == "adamw":
-        return torch.optim.AdamW(
-            params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay
-        )
-    raise ValueError(f"unknown optimizer {cfg.name!r}; choose sgd or adamw")
+    optimizer = torch.optim.SGD if cfg.name == "sgd" else torch.optim.AdamW
+    return optimizer(params, **settings)
 
 
 def build_scheduler(
