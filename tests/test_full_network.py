@@ -255,6 +255,44 @@ def test_shared_tensors_can_have_their_own_optimizer(folded):
     torch.testing.assert_close(anchor.detach(), expected)
 
 
+def test_shared_optimizer_can_take_only_some_shared_tensors(folded):
+    from metamorph.config.schema import OptimConfig
+    from metamorph.tasks.optim import build_optimizer
+
+    net = MetaResNet(
+        folded, MetaSpec(blocks=["layer3.2"], anchor=True, anchor_trainable=True), TINY
+    )
+    mod = _module(net, ScheduleConfig())
+    mod.cfg.optim = OptimConfig(name="adamw", lr=1e-3)
+    mod.cfg.shared_lr_factor = 0.5
+    mod.cfg.shared_optim = OptimConfig(name="sgd", lr=0.02, momentum=0.9)
+    mod.cfg.shared_optim_params = ["*.conv1.*"]
+    opt = build_optimizer(mod.param_groups(), mod.cfg.optim)
+    inr_group, sgd_group, rest_group = opt.param_groups
+    by_id = {id(p): k for k, p in net.shared.items()}
+    assert sorted(by_id[id(p)] for p in sgd_group["params"]) == [
+        "layer3__2__conv1__bias",
+        "layer3__2__conv1__weight",
+    ]
+    assert sorted(by_id[id(p)] for p in rest_group["params"]) == [
+        "layer3__2__conv2__bias",
+        "layer3__2__conv2__weight",
+    ]
+    assert sgd_group["algo"] == "sgd" and sgd_group["lr"] == pytest.approx(0.02)
+    assert rest_group["algo"] == "adamw" and rest_group["lr"] == pytest.approx(5e-4)
+    # a pattern that matches nothing is a typo: say which names exist
+    mod.cfg.shared_optim_params = ["*.bn9*"]
+    with pytest.raises(ValueError, match=r"match no shared tensor.*layer3\.2\.conv1\.weight"):
+        mod.param_groups()
+    # patterns without an optimizer to hand them to
+    mod.cfg.shared_optim, mod.cfg.shared_optim_params = None, ["*.conv1.*"]
+    with pytest.raises(ValueError, match="task.shared_optim, which is null"):
+        mod.param_groups()
+    mod.cfg.shared_optim_params = ["*"]
+    groups = mod.param_groups()
+    assert len(groups) == 2 and groups[1]["lr"] == pytest.approx(5e-4)
+
+
 def test_ratio_sweep_val_subset_is_seeded_and_test_uses_the_whole_split(folded, tmp_path):
     """Splits are stored class by class: a sweep must not evaluate only the first batches."""
     from types import SimpleNamespace

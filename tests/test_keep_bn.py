@@ -207,6 +207,85 @@ def test_keep_strategy_end_to_end_through_hydra(tmp_path):
     logits = net(x, h, em)
     assert torch.isfinite(logits).all()
     torch.testing.assert_close(materialize(loaded, h, k=1)(x), logits, rtol=1e-4, atol=1e-4)
+    _bn_images_in_sample_and_eval(tmp_path, out / "metamorph.ckpt", loaded, x)
+
+
+def _bn_images_in_sample_and_eval(tmp_path, ckpt, loaded, x):
+    """``bn_images=N``: each shape's BN statistics on N seeded training images instead of the
+    stored ones, in metamorph-sample (recorded in the model file) and in metamorph-eval."""
+    import metamorph
+    from conftest import TINY_DATA, compose_config
+
+    from metamorph.cli import evaluate, sample
+    from metamorph.cli.common import build_datamodule
+    from metamorph.export.sample import calibration_images
+
+    def sampled(n):
+        cfg = compose_config(
+            "sample",
+            tmp_path,
+            [
+                *TINY_DATA,
+                "threads=1",
+                f"ckpt={ckpt}",
+                "gamma=0.5",
+                "k=1",
+                f"bn_images={n}",
+                f"out={tmp_path / f'bn{n}'}",
+            ],
+        )
+        s = sample.run(cfg)
+        return cfg, metamorph.load(s["model"])
+
+    _, stored = sampled(0)
+    cfg, more = sampled(32)
+    assert stored.meta["bn_statistics_images"] == 48 and more.meta["bn_statistics_images"] == 32
+    net = loaded.net
+    h = net.shape_for_gamma(0.5)
+    dm = build_datamodule(cfg.data, mean=net.base_arch.mean, std=net.base_arch.std, seed=0)
+    dm.setup("fit")
+    keep = net.bn_calib.clone()
+    try:
+        net.set_bn_calibration(calibration_images(dm, 32, seed=0))
+        expect = materialize(loaded, h, k=1)(x)
+    finally:
+        net.set_bn_calibration(keep)
+    with torch.no_grad():
+        torch.testing.assert_close(more(x), expect, rtol=1e-4, atol=1e-4)
+        assert not torch.allclose(stored(x), expect, atol=1e-4)  # other statistics, other logits
+    ev = compose_config(
+        "eval",
+        tmp_path,
+        [
+            *TINY_DATA,
+            "split=val",
+            "device=cpu",
+            "latency=false",
+            f"src={ckpt}",
+            f"out_dir={tmp_path / 'ev'}",
+            "sweep.gammas=[0,0.5]",
+            "sweep.bn_images=32",
+        ],
+    )
+    evaluate.run(ev)
+    assert (
+        "BN statistics of each shape on 32 train images"
+        in (tmp_path / "ev" / "sweep.md").read_text()
+    )
+    with pytest.raises(ValueError, match="bn_images=-1 must be 0"):
+        sample.run(
+            compose_config(
+                "sample",
+                tmp_path,
+                [
+                    *TINY_DATA,
+                    f"ckpt={ckpt}",
+                    "gamma=0.5",
+                    "bn_images=-1",
+                    f"out={tmp_path / 'neg'}",
+                ],
+            )
+        )
 
 
 def test_checkpoints_without_calibration_images_still_load():

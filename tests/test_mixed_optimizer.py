@@ -22,8 +22,14 @@ ADAMW = OptimConfig(name="adamw", lr=1e-3, weight_decay=1e-2)
 
 def _params(seed: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     g = torch.Generator().manual_seed(seed)
-    a = [torch.randn(5, 3, generator=g).requires_grad_(), torch.randn(7, generator=g).requires_grad_()]
-    b = [torch.randn(4, 4, generator=g).requires_grad_(), torch.randn(2, generator=g).requires_grad_()]
+    a = [
+        torch.randn(5, 3, generator=g).requires_grad_(),
+        torch.randn(7, generator=g).requires_grad_(),
+    ]
+    b = [
+        torch.randn(4, 4, generator=g).requires_grad_(),
+        torch.randn(2, generator=g).requires_grad_(),
+    ]
     return a, b
 
 
@@ -67,9 +73,10 @@ def test_state_dict_round_trip_resumes_exactly():
     snapshot = [p.detach().clone() for p in a + b]
     _run(opt, a + b, range(3, 6))
 
-    a2, b2 = [p.detach().clone().requires_grad_() for p in snapshot[:2]], [
-        p.detach().clone().requires_grad_() for p in snapshot[2:]
-    ]
+    a2, b2 = (
+        [p.detach().clone().requires_grad_() for p in snapshot[:2]],
+        [p.detach().clone().requires_grad_() for p in snapshot[2:]],
+    )
     fresh = build_optimizer([{"params": a2}, param_group(b2, SGD)], ADAMW)
     fresh.load_state_dict(saved)
     _run(fresh, a2 + b2, range(3, 6))
@@ -80,7 +87,9 @@ def test_state_dict_round_trip_resumes_exactly():
 def test_onecycle_keeps_each_groups_peak():
     a, b = _params(2)
     opt = build_optimizer([{"params": a}, param_group(b, SGD)], ADAMW)
-    sched = build_scheduler(opt, SchedulerConfig(name="onecycle", pct_start=0.5), 10, 5)["scheduler"]
+    sched = build_scheduler(opt, SchedulerConfig(name="onecycle", pct_start=0.5), 10, 5)[
+        "scheduler"
+    ]
     peaks = [0.0, 0.0]
     for s in range(10):
         _grads(a + b, s)
@@ -92,7 +101,9 @@ def test_onecycle_keeps_each_groups_peak():
 
 def test_one_algorithm_builds_the_plain_torch_optimizer_with_group_settings():
     a, b = _params(3)
-    opt = build_optimizer([{"params": a}, param_group(b, OptimConfig(name="adamw", lr=5e-4))], ADAMW)
+    opt = build_optimizer(
+        [{"params": a}, param_group(b, OptimConfig(name="adamw", lr=5e-4))], ADAMW
+    )
     assert type(opt) is torch.optim.AdamW
     assert [g["lr"] for g in opt.param_groups] == [1e-3, 5e-4]
 
@@ -115,6 +126,9 @@ def test_task_config_parses_shared_optim_and_rejects_typos():
     cfg.task.shared_optim = {"name": "sgd", "lr": 0.02, "nesterov": True}
     parsed = metamorph_config(cfg).shared_optim
     assert parsed == OptimConfig(name="sgd", lr=0.02, nesterov=True)
+    assert metamorph_config(cfg).shared_optim_params == ["*"]
+    cfg.task.shared_optim_params = ["*.bn*", "*.conv1.weight"]
+    assert metamorph_config(cfg).shared_optim_params == ["*.bn*", "*.conv1.weight"]
     cfg.task.shared_optim = {"name": "sgd", "learning_rate": 0.02}
     with pytest.raises(ValueError, match="task.shared_optim"):
         metamorph_config(cfg)

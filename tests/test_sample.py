@@ -172,6 +172,14 @@ def test_gamma_sample_writes_loadable_files(ckpt, module, tmp_path):
     assert not torch.allclose(got, live, atol=1e-6)  # the EMA weights were used
 
 
+def test_bn_images_on_a_folded_checkpoint_is_a_clear_error(ckpt, tmp_path):
+    assert not load_metamorphic(ckpt).net.base_arch.bn_blocks
+    cfg = sample_cfg(tmp_path, f"ckpt={ckpt}", "gamma=0.5", "bn_images=64", f"out={tmp_path / 'x'}")
+    with pytest.raises(ValueError, match="keeps no BatchNorm.*drop bn_images"):
+        sample.run(cfg)
+    assert not (tmp_path / "x.json").exists() and not (tmp_path / "x.safetensors").exists()
+
+
 def test_hidden_target_with_fewer_blocks(ckpt, module, tmp_path):
     out = tmp_path / "custom"
     shape = [[16, 3], [32], [50, 100]]  # 100 > 64: an unseen width above the pretrained one

@@ -77,7 +77,7 @@ def is_metamorphic_checkpoint(path: str | Path) -> bool:
 def run_metamorphic(cfg: DictConfig, log=print) -> dict:
     """Sweep a metamorphic checkpoint over ``sweep.gammas`` / ``sweep.depths`` on ``split``."""
     from metamorph.export.outputs import StagedOutputs, check_output_dir
-    from metamorph.export.sample import calibration_images, load_metamorphic
+    from metamorph.export.sample import calibration_images, load_metamorphic, use_bn_images
     from metamorph.export.sweep import read_baselines, run_sweep, trained_gamma_range, write_outputs
 
     t0 = time.time()
@@ -90,12 +90,14 @@ def run_metamorphic(cfg: DictConfig, log=print) -> dict:
     arch = net.base_arch
     dm = build_datamodule(cfg.data, mean=arch.mean, std=arch.std, seed=cfg.seed)
     n_calib = int(sw.get("calibrate") or 0)
-    dm.setup("test" if cfg.split == "test" and n_calib == 0 else "fit")
+    n_bn = int(sw.get("bn_images") or 0)
+    dm.setup("test" if cfg.split == "test" and n_calib == 0 and n_bn == 0 else "fit")
     if dm.num_classes != arch.num_classes:
         raise ValueError(
             f"model has {arch.num_classes} classes but {cfg.data.name} has {dm.num_classes}"
         )
     calib = calibration_images(dm, n_calib, int(cfg.seed))
+    n_bn = use_bn_images(net, dm, n_bn, int(cfg.seed))
     device = resolve_device(cfg.device)
     module.to(device)
     x, y = dm.split_tensors(cfg.split)
@@ -126,6 +128,8 @@ def run_metamorphic(cfg: DictConfig, log=print) -> dict:
     )
     trained = trained_gamma_range(net)
     cal = "" if calib is None else f"; channel statistics calibrated on {len(calib)} train images"
+    if net.base_arch.bn_blocks:
+        cal += f"; BN statistics of each shape on {n_bn} train images"
     header = (
         f"Sweep of `{cfg.src}` on {cfg.data.name}/{cfg.split} ({len(y)} images; EMA INR, "
         f"K={k}{cal}; trained ratios gamma in [{trained[0]:g}, {trained[1]:g}]; latency: batch "

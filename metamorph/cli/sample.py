@@ -35,6 +35,7 @@ from metamorph.export.sample import (
     materialize,
     select_for_budget,
     shape_for_target,
+    use_bn_images,
     val_batches,
 )
 from metamorph.hypernet.evaluate import is_seen
@@ -114,9 +115,10 @@ def run(cfg: DictConfig, log=print) -> dict:
     seed = int(cfg.seed)
     summary: dict = {"ckpt": str(cfg.ckpt), "target": target, "k": k, "format": fmt}
     chosen = None
-    if target == "budget":
-        device = resolve_device(str(cfg.device))
-        module.to(device)
+    n_calib = int(cfg.get("calibrate") or 0)
+    n_bn = int(cfg.get("bn_images") or 0)
+    dm = None
+    if target == "budget" or n_calib or n_bn:
         dm = build_datamodule(
             cfg.data, mean=net.base_arch.mean, std=net.base_arch.std, seed=int(cfg.seed)
         )
@@ -126,6 +128,10 @@ def run(cfg: DictConfig, log=print) -> dict:
                 f"the checkpoint has {net.base_arch.num_classes} classes but {cfg.data.name} "
                 f"has {dm.num_classes}"
             )
+    n_bn = use_bn_images(net, dm, n_bn, seed) if n_bn else 0
+    if target == "budget":
+        device = resolve_device(str(cfg.device))
+        module.to(device)
         batches = val_batches(dm, str(cfg.split), cfg.val_subset, seed=seed, device=device)
         n_images = sum(len(y) for _, y in batches)
         s = cfg.search
@@ -179,15 +185,7 @@ def run(cfg: DictConfig, log=print) -> dict:
             else cfg.depth,
         )
 
-    n_calib = int(cfg.get("calibrate") or 0)
-    calib = None
-    if n_calib:
-        if chosen is None:
-            dm = build_datamodule(
-                cfg.data, mean=net.base_arch.mean, std=net.base_arch.std, seed=int(cfg.seed)
-            )
-            dm.setup("fit")
-        calib = calibration_images(dm, n_calib, seed)
+    calib = calibration_images(dm, n_calib, seed) if n_calib else None
     model = materialize(module, hidden, k=k, seed=seed, calibrate_images=calib)
     params, flops = count_params(model), count_flops(model)
     gamma = net.gamma_of(hidden)
@@ -203,6 +201,7 @@ def run(cfg: DictConfig, log=print) -> dict:
         "ema": module.ema is not None,
         "target": target,
         "calibrated_on": 0 if calib is None else len(calib),
+        "bn_statistics_images": (n_bn or len(net.bn_calib)) if net.base_arch.bn_blocks else 0,
     }
     if target == "gamma":
         meta["requested_gamma"] = float(cfg.gamma)

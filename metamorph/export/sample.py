@@ -508,6 +508,27 @@ def val_batches(dm, split: str, n: int, seed: int = 0, batch_size: int | None = 
     return list(dm.normalized_batches((x, y), batch_size=batch_size, device=device))
 
 
+def use_bn_images(net, dm, n: int, seed: int = 0) -> int:
+    """Compute each shape's kept-BatchNorm statistics on ``n`` seeded training images of ``dm``
+    instead of the images stored in the checkpoint (0: keep those); returns how many are used.
+    More images give steadier statistics (issue 4: about +0.3 points from 1,024 to 8,192)."""
+    if n < 0:
+        raise ValueError(
+            f"bn_images={n} must be 0 (the stored images) or a number of training images"
+        )
+    if n == 0:
+        return len(net.bn_calib)
+    if not net.base_arch.bn_blocks:
+        raise ValueError(
+            f"bn_images={n}: this checkpoint keeps no BatchNorm (trained with "
+            "task.prepare.bn_strategy=fold), so there are no per-shape BN statistics to compute; "
+            "drop bn_images (calibrate=N recalibrates a folded network's channel statistics)"
+        )
+    images = calibration_images(dm, n, seed)
+    net.set_bn_calibration(images)
+    return len(images)
+
+
 def calibration_images(dm, n: int, seed: int = 0) -> torch.Tensor | None:
     """``n`` seeded, normalized images of the train split for statistics calibration (None: 0)."""
     if n < 0:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import copy
 from dataclasses import asdict, dataclass, field
+from fnmatch import fnmatch
 
 import lightning as L
 import torch
@@ -84,6 +85,9 @@ class MetamorphConfig:
     # the shared tensors' own optimizer (e.g. the slimmable baseline's SGD); None: the INR's
     # optimizer at shared_lr_factor x its learning rate
     shared_optim: OptimConfig | None = None
+    # which shared tensors take ``shared_optim`` (fnmatch patterns over dotted names such as
+    # "layer1.0.bn1.weight"); the others stay with the INR's optimizer at shared_lr_factor
+    shared_optim_params: list[str] = field(default_factory=lambda: ["*"])
     recon_warmup_steps: int = 0  # pure reconstruction steps before the first CE step
     # After the warm-up the gradients grow by orders of magnitude while Adam's second-moment
     # estimate still holds the tiny reconstruction gradients, so the first classifier steps are
@@ -436,13 +440,35 @@ class MetamorphModule(L.LightningModule):
         """The INR, and the shared tensors: with their own optimizer settings (``shared_optim``)
         or at ``shared_lr_factor`` x the INR's learning rate."""
         inr = [p for p in self.net.inr.parameters() if p.requires_grad]
-        shared = [p for p in self.net.shared.parameters() if p.requires_grad]
+        own, rest = self.split_shared()
         groups = [{"params": inr}]
-        if shared and self.cfg.shared_optim is not None:
-            groups.append(param_group(shared, self.cfg.shared_optim))
-        elif shared:
-            groups.append({"params": shared, "lr": self.cfg.optim.lr * self.cfg.shared_lr_factor})
+        if own:
+            groups.append(param_group(own, self.cfg.shared_optim))
+        if rest:
+            groups.append({"params": rest, "lr": self.cfg.optim.lr * self.cfg.shared_lr_factor})
         return groups
+
+    def split_shared(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+        """The trainable shared tensors that take ``shared_optim`` (those matching
+        ``shared_optim_params``) and the rest; every pattern must match a shared tensor."""
+        named = [(k.replace("__", "."), p) for k, p in self.net.shared.items() if p.requires_grad]
+        patterns = list(self.cfg.shared_optim_params)
+        if self.cfg.shared_optim is None:
+            if patterns != ["*"]:
+                raise ValueError(
+                    f"task.shared_optim_params={patterns} selects tensors for task.shared_optim, "
+                    "which is null; set task.shared_optim or drop task.shared_optim_params"
+                )
+            return [], [p for _, p in named]
+        unmatched = [pat for pat in patterns if not any(fnmatch(n, pat) for n, _ in named)]
+        if unmatched and named:
+            raise ValueError(
+                f"task.shared_optim_params: {unmatched} match no shared tensor; shared tensors "
+                f"are e.g. {', '.join(n for n, _ in named[:6])} (fnmatch patterns, e.g. '*.bn*')"
+            )
+        own = [p for n, p in named if any(fnmatch(n, pat) for pat in patterns)]
+        rest = [p for n, p in named if not any(fnmatch(n, pat) for pat in patterns)]
+        return own, rest
 
     def configure_optimizers(self):
         opt = build_optimizer(self.param_groups(), self.cfg.optim)

@@ -46,6 +46,7 @@ def metamorph_config(cfg: DictConfig) -> MetamorphConfig:
         "shared",
         "shared_lr_factor",
         "shared_optim",
+        "shared_optim_params",
         "recon_warmup_steps",
         "reset_optimizer_after_warmup",
         "lr_ramp_steps",
@@ -79,6 +80,7 @@ def metamorph_config(cfg: DictConfig) -> MetamorphConfig:
             if t.get("shared_optim") is not None
             else None
         ),
+        shared_optim_params=[str(x) for x in t.get("shared_optim_params", ["*"])],
         recon_warmup_steps=int(t.recon_warmup_steps),
         reset_optimizer_after_warmup=bool(t.get("reset_optimizer_after_warmup", False)),
         lr_ramp_steps=int(t.get("lr_ramp_steps", 0)),

@@ -9,7 +9,6 @@ import torch
 
 from metamorph.config.schema import OptimConfig, SchedulerConfig
 
-
 OPTIMIZERS = ("sgd", "adamw")
 
 
@@ -106,7 +105,9 @@ def build_optimizer(params: Iterable, cfg: OptimConfig) -> torch.optim.Optimizer
                 "main optimizer (task.optim.name=adamw) with SGD groups, or one algorithm for all"
             )
         return AdamWWithSGDGroups(params, **settings)
-    params = [{k: v for k, v in g.items() if k != "algo"} if isinstance(g, dict) else g for g in params]
+    params = [
+        {k: v for k, v in g.items() if k != "algo"} if isinstance(g, dict) else g for g in params
+    ]
     optimizer = torch.optim.SGD if cfg.name == "sgd" else torch.optim.AdamW
     return optimizer(params, **settings)
 
