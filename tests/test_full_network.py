@@ -429,3 +429,59 @@ def test_random_shapes_run_with_declared_shapes_and_no_bn(folded, seed):
             assert emitted[f"layer{s + 1}.{b}.conv1.weight"].shape[0] == h
             assert emitted[f"layer{s + 1}.{b}.conv2.weight"].shape[1] == h
     assert net(torch.randn(2, 3, 32, 32), shape, emitted).shape == (2, 10)
+
+
+def test_ema_of_shared_tensors_is_what_evaluation_uses(folded, tmp_path):
+    """task.ema_shared: the EMA averages the shared tensors (trainable anchors, classifier) as
+    well; emit_eval carries those averages while the live tensors stay in place for training."""
+    spec = MetaSpec(blocks=["layer3.2"], anchor=True, anchor_trainable=True)
+    net = MetaResNet(folded, spec, TINY, shared=["fc.weight", "fc.bias"])
+    cfg = MetamorphConfig(
+        spec=spec,
+        inr=TINY,
+        sampling=SamplingConfig(full_width_every=0),
+        coord_noise=0.0,
+        ema_decay=0.5,
+        ema_shared=True,
+        shared=["fc.weight", "fc.bias"],
+    )
+    mod = MetamorphModule(net, cfg)
+    old = {k: p.detach().clone() for k, p in net.shared.items()}
+    with torch.no_grad():
+        for p in net.shared.values():
+            p.add_(1.0)
+        for p in net.inr.parameters():
+            p.mul_(1.1)
+    mod.ema.update(net.inr, net.shared)
+    averaged = {k: old[k] + 0.5 for k in old}
+    for k in old:
+        torch.testing.assert_close(mod.ema.shared_shadow[k], averaged[k])
+    narrow = net.shape_for_gamma(0.5)
+    out = mod.emit_eval(narrow)
+    # the classifier is read directly: its average travels with the emission
+    torch.testing.assert_close(out["fc.weight"], averaged["fc__weight"])
+    # an anchored tensor: the EMA INR's emission plus the averaged anchor, cut to the shape
+    with mod.ema.swapped_into(net.inr):
+        inr_only = net.inr.emit_tensor(net.slot_of["layer3.2.conv1.weight"], (32, 64, 3, 3), 0.0)
+    torch.testing.assert_close(
+        out["layer3.2.conv1.weight"], inr_only + averaged["layer3__2__conv1__weight"][:32]
+    )
+    # the live tensors are back in place, and the logits are those of the averaged network
+    for k in old:
+        torch.testing.assert_close(net.shared[k], old[k] + 1.0)
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        got = net(x, narrow, out)
+        with mod.ema.swapped_into(net.inr, net.shared):
+            want = net(x, narrow)
+    torch.testing.assert_close(got, want)
+    # without ema_shared the live shared tensors are evaluated (the earlier behaviour)
+    mod_live = MetamorphModule(net, MetamorphConfig(**{**cfg.__dict__, "ema_shared": False}))
+    assert mod_live.ema.shared_shadow is None and "fc.weight" not in mod_live.emit_eval(narrow)
+    # the averages are saved and restored with the module's state
+    torch.save(mod.state_dict(), tmp_path / "m.pt")
+    back = MetamorphModule(MetaResNet(folded, spec, TINY, shared=["fc.weight", "fc.bias"]), cfg)
+    back.load_state_dict(torch.load(tmp_path / "m.pt", weights_only=True))
+    torch.testing.assert_close(back.emit_eval(narrow)["fc.weight"], averaged["fc__weight"])
+    with pytest.raises(ValueError, match="ema_shared=true.*ema_decay=0.0"):
+        MetamorphModule(net, MetamorphConfig(**{**cfg.__dict__, "ema_decay": 0.0}))

@@ -213,9 +213,9 @@ def test_keep_strategy_end_to_end_through_hydra(tmp_path):
 def _bn_images_in_sample_and_eval(tmp_path, ckpt, loaded, x):
     """``bn_images=N``: each shape's BN statistics on N seeded training images instead of the
     stored ones, in metamorph-sample (recorded in the model file) and in metamorph-eval."""
-    import metamorph
     from conftest import TINY_DATA, compose_config
 
+    import metamorph
     from metamorph.cli import evaluate, sample
     from metamorph.cli.common import build_datamodule
     from metamorph.export.sample import calibration_images

@@ -123,6 +123,9 @@ def test_task_config_parses_shared_optim_and_rejects_typos():
     hyper = OmegaConf.load("conf/hypernet/default.yaml")
     cfg = OmegaConf.create({"task": base, "hypernet": hyper, "seed": 0})
     assert metamorph_config(cfg).shared_optim is None
+    assert metamorph_config(cfg).ema_shared is False
+    cfg.task.ema_shared = True
+    assert metamorph_config(cfg).ema_shared is True
     cfg.task.shared_optim = {"name": "sgd", "lr": 0.02, "nesterov": True}
     parsed = metamorph_config(cfg).shared_optim
     assert parsed == OptimConfig(name="sgd", lr=0.02, nesterov=True)

@@ -272,6 +272,17 @@ class MetaResNet(nn.Module):
         pad = [p for a, b in zip(reversed(base.shape), reversed(shape)) for p in (0, max(0, b - a))]
         return torch.nn.functional.pad(cut, pad) if any(pad) else cut
 
+    def shared_tensors(self, hidden: Shape) -> dict[str, torch.Tensor]:
+        """Copies of the shared tensors that the network at ``hidden`` reads directly (cut to
+        the shape), not those that only anchor an emitted tensor: a snapshot that keeps the
+        current values when the shared parameters change later (the EMA swap)."""
+        emitted = set(self.present_meta_tensors(hidden))
+        out = {}
+        for name, ref in self.template(hidden).state_dict(keep_vars=True).items():
+            if name not in emitted and name.replace(".", "__") in self.shared:
+                out[name] = self.anchor_tensor(name, tuple(ref.shape)).detach().clone()
+        return out
+
     def present_meta_tensors(self, hidden: Shape) -> list[str]:
         names = []
         for blk in self.meta_blocks:

@@ -79,6 +79,9 @@ class MetamorphConfig:
     coord_noise: float = 1.0
     noise_quirk: bool = False  # the official code's layer-id / fan-in noise behaviour
     ema_decay: float = 0.995
+    # the EMA also averages the trained shared tensors (anchors, BN affine, classifier), and
+    # evaluation uses those averages; off: they are evaluated live (as before this option)
+    ema_shared: bool = False
     eval_k: int = 1
     shared: list[str] = field(default_factory=list)  # base tensors trained jointly (e.g. fc.weight)
     shared_lr_factor: float = 1.0  # learning rate of the shared tensors, x the INR's
@@ -122,12 +125,16 @@ def recon_loss(pred: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Ten
 
 
 class EMA(nn.Module):
-    """Exponential moving average of a module's parameters (a shadow copy, saved with it)."""
+    """Exponential moving average of a module's parameters (a shadow copy, saved with it), and
+    optionally of a second parameter dict (``shared``: the tensors trained beside the INR)."""
 
-    def __init__(self, module: nn.Module, decay: float) -> None:
+    def __init__(self, module: nn.Module, decay: float, shared: nn.ParameterDict | None = None):
         super().__init__()
         self.decay = decay
         self.shadow = copy.deepcopy(module).requires_grad_(False)
+        self.shared_shadow = (
+            copy.deepcopy(shared).requires_grad_(False) if shared is not None else None
+        )
 
     @torch.no_grad()
     def sync_structure(self, module: nn.Module) -> None:
@@ -142,24 +149,38 @@ class EMA(nn.Module):
         self.shadow = new
 
     @torch.no_grad()
-    def update(self, module: nn.Module) -> None:
+    def update(self, module: nn.Module, shared: nn.ParameterDict | None = None) -> None:
         for p_s, p in zip(self.shadow.parameters(), module.parameters()):
             p_s.lerp_(p.detach(), 1 - self.decay)
+        if self.shared_shadow is not None and shared is not None:
+            for key, p in shared.items():
+                self.shared_shadow[key].lerp_(p.detach(), 1 - self.decay)
 
+    @staticmethod
     @contextlib.contextmanager
-    def swapped_into(self, module: nn.Module):
-        """Temporarily load the EMA weights into ``module``."""
-        params = list(module.parameters())
+    def _swap(params: list[torch.Tensor], values: list[torch.Tensor]):
         saved = [p.detach().clone() for p in params]
         with torch.no_grad():
-            for p, s in zip(params, self.shadow.parameters()):
-                p.copy_(s)
+            for p, v in zip(params, values):
+                p.copy_(v)
         try:
-            yield module
+            yield
         finally:
             with torch.no_grad():
                 for p, s in zip(params, saved):
                     p.copy_(s)
+
+    @contextlib.contextmanager
+    def swapped_into(self, module: nn.Module, shared: nn.ParameterDict | None = None):
+        """Temporarily load the EMA weights into ``module`` (and into ``shared``, when this EMA
+        averages the shared tensors too)."""
+        params, values = list(module.parameters()), list(self.shadow.parameters())
+        if self.shared_shadow is not None and shared is not None:
+            keys = list(shared.keys())
+            params += [shared[k] for k in keys]
+            values += [self.shared_shadow[k] for k in keys]
+        with self._swap(params, values):
+            yield module
 
 
 def build_metanet(
@@ -189,7 +210,16 @@ class MetamorphModule(L.LightningModule):
         self.net = net
         self.cfg = cfg
         self.sampler = ShapeSampler(net, cfg.sampling, seed=cfg.seed)
-        self.ema = EMA(net.inr, cfg.ema_decay) if cfg.ema_decay > 0 else None
+        if cfg.ema_shared and cfg.ema_decay <= 0:
+            raise ValueError(
+                "task.ema_shared=true averages the shared tensors with the EMA, but "
+                f"task.ema_decay={cfg.ema_decay} turns the EMA off; set ema_decay > 0 (e.g. 0.995)"
+            )
+        self.ema = (
+            EMA(net.inr, cfg.ema_decay, shared=net.shared if cfg.ema_shared else None)
+            if cfg.ema_decay > 0
+            else None
+        )
         self.teacher = teacher.requires_grad_(False).eval() if teacher is not None else None
         self._teacher_prefix_ok: dict[int, bool] = {}
         self.save_hyperparameters(
@@ -247,11 +277,12 @@ class MetamorphModule(L.LightningModule):
     # ------------------------------------------------------------------ evaluation weights
     @contextlib.contextmanager
     def eval_weights(self):
-        """EMA weights if enabled (NeuMeta evaluates the EMA INR)."""
+        """EMA weights if enabled (NeuMeta evaluates the EMA INR; with ``ema_shared`` the shared
+        tensors' averages too)."""
         if self.ema is None:
             yield
         else:
-            with self.ema.swapped_into(self.net.inr):
+            with self.ema.swapped_into(self.net.inr, self.net.shared):
                 yield
 
     @torch.no_grad()
@@ -266,7 +297,12 @@ class MetamorphModule(L.LightningModule):
         noise = self.cfg.coord_noise if k > 1 else 0.0
         with self.eval_weights():
             out = self.net.emit(hidden, noise=noise, generator=g, quirk=self.cfg.noise_quirk, k=k)
-        return {**out, **self.net.bn_statistics(hidden, out)}
+            if self.ema is not None and self.ema.shared_shadow is not None:
+                # the averaged shared tensors travel with the emission (params_for takes emitted
+                # tensors first), since the live ones are back in place once this block exits
+                out.update(self.net.shared_tensors(hidden))
+            stats = self.net.bn_statistics(hidden, out)
+        return {**out, **stats}
 
     # ------------------------------------------------------------------ training
     def _prefix(self) -> int | None:
@@ -411,7 +447,7 @@ class MetamorphModule(L.LightningModule):
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         if self.ema is not None:
-            self.ema.update(self.net.inr)
+            self.ema.update(self.net.inr, self.net.shared)
 
     # ------------------------------------------------------------------ validation / test
     def on_validation_epoch_start(self) -> None:
