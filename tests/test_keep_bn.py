@@ -58,6 +58,30 @@ def test_inserted_batchnorm_keeps_the_function(folded, kept):
     torch.testing.assert_close(again(x), ref, rtol=1e-5, atol=1e-4)
 
 
+def test_unit_bn_scale_keeps_the_function_and_normalizes_the_conv_outputs(folded):
+    """prepare.bn_scale=unit: each kept conv's output channels start at unit variance (its
+    weights rescaled, the BN affine compensating), with the network's function unchanged."""
+    from metamorph.models.calibrate import channel_stats
+
+    x = _images()
+    unit = insert_batchnorm(folded, BLOCKS, x, scale="unit")
+    ident = insert_batchnorm(folded, BLOCKS, x)
+    ref = folded(x)
+    torch.testing.assert_close(unit.eval()(x), ref, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(unit.train()(x), ref, rtol=1e-4, atol=1e-3)
+    unit.eval()
+    w_unit, w_id = unit.layer3[2].conv1.weight, ident.layer3[2].conv1.weight
+    ratio = (w_unit.flatten(1).norm(dim=1) / w_id.flatten(1).norm(dim=1)).detach()
+    # the conv was rescaled by 1 / std of its own output, channel by channel
+    sd = channel_stats(folded, x)["layer3.2.conv1"].std
+    torch.testing.assert_close(ratio, 1.0 / sd, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(unit.layer3[2].bn1.running_var, torch.ones_like(sd), rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="bn_scale='unity'; choose identity or unit"):
+        insert_batchnorm(folded, BLOCKS, x, scale="unity")
+    kept = apply_bn_strategy(folded, BLOCKS, "keep", images=x, bn_scale="unit")
+    torch.testing.assert_close(kept.layer3[2].conv1.weight, w_unit)
+
+
 def test_arch_round_trip_and_bad_block_name():
     arch = ResNetArch(bn=False, bn_blocks=["layer1.0"])
     assert ResNetArch.from_dict(arch.to_dict()).bn_blocks == ["layer1.0"]

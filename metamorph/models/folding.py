@@ -57,15 +57,26 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
 
 
 @torch.no_grad()
-def insert_batchnorm(model: nn.Module, blocks: list[str], images: torch.Tensor) -> nn.Module:
+def insert_batchnorm(
+    model: nn.Module, blocks: list[str], images: torch.Tensor, scale: str = "identity"
+) -> nn.Module:
     """A copy of the folded CIFAR ResNet ``model`` in which ``blocks`` keep a BatchNorm after each
-    conv (``ResNetArch.bn_blocks``), initialised to compute the identity: its running statistics
-    are the conv outputs' per-channel mean and variance on ``images`` (normalized), its affine
-    parameters undo them, so the network's function is unchanged in evaluation mode and nearly
-    so with batch statistics. The inverse of folding, for the "keep BN" strategy."""
+    conv (``ResNetArch.bn_blocks``), initialised so that the network's function is unchanged in
+    evaluation mode (and nearly so with batch statistics): the running statistics are the conv
+    outputs' per-channel mean and variance on ``images`` (normalized), the affine parameters
+    undo them. The inverse of folding, for the "keep BN" strategy.
+
+    ``scale`` picks the conv weights' scale, which BN makes irrelevant to the function but not
+    to training (a conv followed by BN is scale-invariant, so its effective learning rate goes
+    as 1 / |W|^2): ``identity`` keeps the folded weights (whose per-channel scale carries the
+    pretrained BN's gamma / sigma, 0.4x to 3x the pretrained weights' norm on ResNet-20);
+    ``unit`` divides each output channel by its output's standard deviation, so every conv
+    output starts at unit variance (close to the unfolded pretrained weights' scale)."""
     from metamorph.models.calibrate import channel_stats
     from metamorph.models.resnet_cifar import CifarResNet, ResNetArch
 
+    if scale not in ("identity", "unit"):
+        raise ValueError(f"prepare.bn_scale={scale!r}; choose identity or unit")
     if model.arch.bn:
         raise ValueError("insert_batchnorm needs a folded network (fold_batchnorm first)")
     stats = channel_stats(model, images)
@@ -77,12 +88,23 @@ def insert_batchnorm(model: nn.Module, blocks: list[str], images: torch.Tensor) 
     if unexpected or any(not m.startswith(kept) for m in missing):
         raise RuntimeError(f"insert_batchnorm mismatch: missing {missing}, unexpected {unexpected}")
     for b in blocks:
-        for conv, bn_name in ((f"{b}.conv1", f"{b}.bn1"), (f"{b}.conv2", f"{b}.bn2")):
-            st, bn = stats[conv], new.get_submodule(bn_name)
-            var = st.std.double() ** 2
-            bn.running_mean.copy_(st.mean)
+        for conv_name, bn_name in ((f"{b}.conv1", f"{b}.bn1"), (f"{b}.conv2", f"{b}.bn2")):
+            st, bn = stats[conv_name], new.get_submodule(bn_name)
+            std = st.std.double()
+            # c: per-channel factor on the conv (1: identity; 1 / std: unit-variance outputs;
+            # channels with a constant output keep their weights)
+            c = torch.ones_like(std) if scale == "identity" else torch.where(
+                std > 1e-6, 1.0 / std.clamp_min(1e-6), torch.ones_like(std)
+            )
+            conv = new.get_submodule(conv_name)
+            conv.weight.mul_(c.float().view(-1, 1, 1, 1))
+            if conv.bias is not None:
+                conv.bias.mul_(c.float())
+            var = (std * c) ** 2
+            bn.running_mean.copy_((st.mean.double() * c).float())
             bn.running_var.copy_(var.float())
-            bn.weight.copy_((var + bn.eps).sqrt().float())
+            # weight * (c z - c mu) / sqrt(c^2 var + eps) + mu = z  (z: the folded conv's output)
+            bn.weight.copy_(((var + bn.eps).sqrt() / c).float())
             bn.bias.copy_(st.mean)
             bn.num_batches_tracked.fill_(1)
     return new.eval()

@@ -136,13 +136,15 @@ def apply_bn_strategy(
     strategy: str,
     init: str = "paper",
     images: torch.Tensor | None = None,
+    bn_scale: str = "identity",
 ) -> CifarResNet:
     """Rebuild a folded network with the block variant ``strategy`` in ``blocks``.
 
     ``fold`` (NeuMeta) leaves the network as it is; ``keep`` gives the metamorphic blocks a
     BatchNorm after each conv again, initialised to the identity on ``images`` (normalized
     training images; :func:`metamorph.models.insert_batchnorm`), trained with batch statistics
-    and recalibrated per shape for evaluation; the others are the BN-replacement strategies
+    and recalibrated per shape for evaluation (``bn_scale``: the conv weights' scale,
+    :func:`~metamorph.models.insert_batchnorm`); the others are the BN-replacement strategies
     of Sommariva et al. (SkipInit alpha init 0, fixed or learnable shortcut scaling), applied to the
     metamorphic blocks only. ``init="paper"``: new scalars start at the paper's init (alpha 0,
     shortcut scale 1), which changes a pretrained network's function (the folded fine-tuned
@@ -168,7 +170,7 @@ def apply_bn_strategy(
             raise ValueError(
                 "bn_strategy=keep needs training images to initialise the kept BatchNorm"
             )
-        return insert_batchnorm(model, blocks, images)
+        return insert_batchnorm(model, blocks, images, scale=bn_scale)
     arch = ResNetArch.from_dict(model.arch.to_dict())
     arch.block_variants = {**arch.block_variants, **{b: strategy for b in blocks}}
     new = CifarResNet(arch)
@@ -226,6 +228,7 @@ def run_metamorph(cfg: DictConfig) -> dict:
         strategy,
         p.get("bn_init", "paper"),
         images=None if calib is None else dm.transform_batch(calib),
+        bn_scale=p.get("bn_scale", "identity"),
     )
     save_model(prepared, out_dir / "prepared", meta={"source": str(base_path), **prep_report})
     net = MetaResNet(prepared, mcfg.spec, mcfg.inr, shared=mcfg.shared)
