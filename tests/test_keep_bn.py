@@ -75,7 +75,9 @@ def test_unit_bn_scale_keeps_the_function_and_normalizes_the_conv_outputs(folded
     # the conv was rescaled by 1 / std of its own output, channel by channel
     sd = channel_stats(folded, x)["layer3.2.conv1"].std
     torch.testing.assert_close(ratio, 1.0 / sd, rtol=1e-4, atol=1e-6)
-    torch.testing.assert_close(unit.layer3[2].bn1.running_var, torch.ones_like(sd), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(
+        unit.layer3[2].bn1.running_var, torch.ones_like(sd), rtol=1e-4, atol=1e-4
+    )
     with pytest.raises(ValueError, match="bn_scale='unity'; choose identity or unit"):
         insert_batchnorm(folded, BLOCKS, x, scale="unity")
     kept = apply_bn_strategy(folded, BLOCKS, "keep", images=x, bn_scale="unit")

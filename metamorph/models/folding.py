@@ -93,8 +93,10 @@ def insert_batchnorm(
             std = st.std.double()
             # c: per-channel factor on the conv (1: identity; 1 / std: unit-variance outputs;
             # channels with a constant output keep their weights)
-            c = torch.ones_like(std) if scale == "identity" else torch.where(
-                std > 1e-6, 1.0 / std.clamp_min(1e-6), torch.ones_like(std)
+            c = (
+                torch.ones_like(std)
+                if scale == "identity"
+                else torch.where(std > 1e-6, 1.0 / std.clamp_min(1e-6), torch.ones_like(std))
             )
             conv = new.get_submodule(conv_name)
             conv.weight.mul_(c.float().view(-1, 1, 1, 1))
