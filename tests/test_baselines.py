@@ -308,6 +308,30 @@ def test_sandwich_training_step_visits_min_and_max():
     assert torch.isfinite(loss)
 
 
+def test_slimmable_recalibration_batches_are_augmented_as_in_training():
+    """calib_augment: the BN recalibration batches are the seeded training images crop+flip
+    augmented (the statistics the weights were trained with); off: the plain images."""
+    from metamorph.data import CIFARDataModule
+    from metamorph.data.transforms import normalize, random_crop_flip
+    from metamorph.tasks.slimmable import SlimmableModule
+
+    dm = CIFARDataModule(root="embedded:cifar10-mini", val_size=20, train_subset=48, batch_size=16)
+    dm.setup("fit")
+    cfg = SlimmableConfig(blocks=[LAST], train_widths=[0.5, 1.0], calib_batch_size=16)
+    module = SlimmableModule(
+        SlimmableResNet(tiny_net(), cfg.blocks), cfg, OptimConfig(), SchedulerConfig()
+    )
+    x, _ = dm.subset("train", 32, seed=3)
+    got = torch.cat([b[0] for b in module.calibration_batches(2, dm=dm, seed=3)])
+    g = torch.Generator().manual_seed(3)
+    expect = normalize(random_crop_flip(x, padding=4, generator=g), dm.mean, dm.std)
+    torch.testing.assert_close(got, expect)
+    module.cfg.calib_augment = False
+    plain = torch.cat([b[0] for b in module.calibration_batches(2, dm=dm, seed=3)])
+    torch.testing.assert_close(plain, normalize(x, dm.mean, dm.std))
+    assert not torch.allclose(plain, got)
+
+
 def test_bn_recalibration_changes_running_stats():
     net = tiny_net()
     slim = SlimmableResNet(net, "all")

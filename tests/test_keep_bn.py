@@ -147,6 +147,43 @@ def test_evaluation_needs_and_gets_per_shape_statistics(kept):
         torch.testing.assert_close(net(x[:1], h, em), logits[:1], rtol=1e-5, atol=1e-5)
 
 
+def test_statistics_of_stored_raw_images_are_taken_on_augmented_copies(kept):
+    """uint8 calibration images are crop+flip augmented (fixed seed) before the statistics
+    pass, as the training batches were; ``bn_augment = False`` takes them as they are."""
+    from metamorph.data.transforms import normalize, random_crop_flip
+
+    module = _module(kept)
+    net = module.net.eval()
+    raw = torch.randint(
+        0, 256, (40, 3, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(7)
+    )
+    net.set_bn_calibration(raw)
+    h = net.shape_for_gamma(0.25)
+    em = net.emit(h)
+
+    def conv1_mean(images: torch.Tensor) -> torch.Tensor:
+        tmpl = net.template(h).train()
+        feats: list[torch.Tensor] = []
+        hook = tmpl.layer3[2].conv1.register_forward_hook(lambda m, i, o, out=feats: out.append(o))
+        try:
+            torch.func.functional_call(tmpl, net.params_for(h, em, fresh_bn_stats=True), (images,))
+        finally:
+            hook.remove()
+        return feats[0].transpose(0, 1).reshape(h[2][2], -1).mean(1)
+
+    mean, std = net.base_arch.mean, net.base_arch.std
+    g = torch.Generator().manual_seed(net.bn_augment_seed)
+    augmented = normalize(random_crop_flip(raw, padding=4, generator=g), mean, std)
+    got = net.bn_statistics(h, em)["layer3.2.bn1.running_mean"]
+    torch.testing.assert_close(got, conv1_mean(augmented), rtol=1e-4, atol=1e-4)
+    # deterministic: the same statistics on every call
+    torch.testing.assert_close(net.bn_statistics(h, em)["layer3.2.bn1.running_mean"], got)
+    net.bn_augment = False
+    plain = net.bn_statistics(h, em)["layer3.2.bn1.running_mean"]
+    torch.testing.assert_close(plain, conv1_mean(normalize(raw, mean, std)), rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(plain, got, atol=1e-3)
+
+
 def test_materialized_and_exported_networks_match_the_metamorphic_one(kept):
     module = _module(kept)
     net = module.net.eval()
@@ -244,7 +281,6 @@ def _bn_images_in_sample_and_eval(tmp_path, ckpt, loaded, x):
     import metamorph
     from metamorph.cli import evaluate, sample
     from metamorph.cli.common import build_datamodule
-    from metamorph.export.sample import calibration_images
 
     def sampled(n):
         cfg = compose_config(
@@ -272,7 +308,7 @@ def _bn_images_in_sample_and_eval(tmp_path, ckpt, loaded, x):
     dm.setup("fit")
     keep = net.bn_calib.clone()
     try:
-        net.set_bn_calibration(calibration_images(dm, 32, seed=0))
+        net.set_bn_calibration(dm.subset("train", 32, seed=0)[0])  # raw: augmented in the pass
         expect = materialize(loaded, h, k=1)(x)
     finally:
         net.set_bn_calibration(keep)

@@ -82,6 +82,9 @@ class SlimmableConfig:
     calib_batches: int = 20
     val_calib_batches: int = 4
     calib_batch_size: int | None = None  # default: data.batch_size
+    # recalibrate on crop+flip augmented training images, as the training batches were (the
+    # statistics the weights were trained with); false: non-augmented (before 2026-11-27)
+    calib_augment: bool = True
 
     def __post_init__(self) -> None:
         if not self.train_widths or not all(0 < r <= 1 for r in self.train_widths):

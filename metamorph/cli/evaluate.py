@@ -98,6 +98,7 @@ def run_metamorphic(cfg: DictConfig, log=print) -> dict:
         )
     calib = calibration_images(dm, n_calib, int(cfg.seed))
     n_bn = use_bn_images(net, dm, n_bn, int(cfg.seed))
+    net.bn_augment = bool(sw.get("bn_augment", True))
     device = resolve_device(cfg.device)
     module.to(device)
     x, y = dm.split_tensors(cfg.split)
@@ -129,7 +130,8 @@ def run_metamorphic(cfg: DictConfig, log=print) -> dict:
     trained = trained_gamma_range(net)
     cal = "" if calib is None else f"; channel statistics calibrated on {len(calib)} train images"
     if net.base_arch.bn_blocks:
-        cal += f"; BN statistics of each shape on {n_bn} train images"
+        aug = "crop+flip augmented" if net.bn_augment else "not augmented"
+        cal += f"; BN statistics of each shape on {n_bn} train images ({aug})"
     header = (
         f"Sweep of `{cfg.src}` on {cfg.data.name}/{cfg.split} ({len(y)} images; EMA INR, "
         f"K={k}{cal}; trained ratios gamma in [{trained[0]:g}, {trained[1]:g}]; latency: batch "

@@ -129,6 +129,7 @@ def run(cfg: DictConfig, log=print) -> dict:
                 f"has {dm.num_classes}"
             )
     n_bn = use_bn_images(net, dm, n_bn, seed) if n_bn else 0
+    net.bn_augment = bool(cfg.get("bn_augment", True))
     if target == "budget":
         device = resolve_device(str(cfg.device))
         module.to(device)
@@ -202,6 +203,7 @@ def run(cfg: DictConfig, log=print) -> dict:
         "target": target,
         "calibrated_on": 0 if calib is None else len(calib),
         "bn_statistics_images": (n_bn or len(net.bn_calib)) if net.base_arch.bn_blocks else 0,
+        "bn_statistics_augmented": bool(net.base_arch.bn_blocks and net.bn_augment),
     }
     if target == "gamma":
         meta["requested_gamma"] = float(cfg.gamma)

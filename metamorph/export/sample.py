@@ -524,7 +524,9 @@ def use_bn_images(net, dm, n: int, seed: int = 0) -> int:
             "task.prepare.bn_strategy=fold), so there are no per-shape BN statistics to compute; "
             "drop bn_images (calibrate=N recalibrates a folded network's channel statistics)"
         )
-    images = calibration_images(dm, n, seed)
+    images, _ = dm.subset("train", n, seed=seed)  # raw pixels: augmented like the stored ones
+    if len(images) == 0:
+        raise ValueError("bn_images needs training images, but the train split is empty")
     net.set_bn_calibration(images)
     return len(images)
 

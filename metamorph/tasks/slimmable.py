@@ -31,6 +31,7 @@ from metamorph.baselines.slimmable import (
     sort_hidden_channels,
 )
 from metamorph.config.schema import OptimConfig, SchedulerConfig, typed
+from metamorph.data.transforms import random_crop_flip
 from metamorph.models.resnet_cifar import CifarResNet, ResNetArch
 from metamorph.tasks.optim import build_optimizer, build_scheduler
 
@@ -134,15 +135,19 @@ class SlimmableModule(L.LightningModule):
 
     # ------------------------------------------------------------------ BN recalibration
     def calibration_batches(self, n: int, dm=None, seed: int = 0):
-        """``n`` non-augmented, normalized training batches of ``dm`` (default: the trainer's
-        data module); ``None`` when there is none."""
+        """``n`` normalized training batches of ``dm`` (default: the trainer's data module),
+        crop+flip augmented with a fixed seed when ``calib_augment``; ``None`` when there is
+        none."""
         if dm is None and self._trainer is not None:
             dm = self.trainer.datamodule
         if dm is None or n <= 0:
             return None
         bs = self.cfg.calib_batch_size or dm.batch_size
-        subset = dm.subset("train", n * bs, seed=seed)
-        return list(dm.normalized_batches(subset, batch_size=bs, device=self.device))
+        x, y = dm.subset("train", n * bs, seed=seed)
+        if self.cfg.calib_augment:
+            g = torch.Generator().manual_seed(seed)
+            x = random_crop_flip(x, padding=dm.padding, generator=g)
+        return list(dm.normalized_batches((x, y), batch_size=bs, device=self.device))
 
     @torch.no_grad()
     def calibrate_all(self, batches, gammas=None) -> dict[str, float]:
