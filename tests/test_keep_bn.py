@@ -327,13 +327,23 @@ def _bn_images_in_sample_and_eval(tmp_path, ckpt, loaded, x):
             f"out_dir={tmp_path / 'ev'}",
             "sweep.gammas=[0,0.5]",
             "sweep.bn_images=32",
+            "sweep.widths_above=[1.25]",
         ],
     )
+    res = evaluate.run(ev)
+    md = (tmp_path / "ev" / "sweep.md").read_text()
+    assert "BN statistics of each shape on 32 train images (crop+flip augmented)" in md
+    wide = next(p for p in res["points"] if p["label"] == "x1.25")
+    assert wide["hidden"][2][2] == round(1.25 * net.base_arch.hidden[2][2]) and not wide["seen"]
+    ev.out_dir = str(tmp_path / "ev_plain")
+    ev.sweep.bn_augment = False
     evaluate.run(ev)
-    assert (
-        "BN statistics of each shape on 32 train images"
-        in (tmp_path / "ev" / "sweep.md").read_text()
-    )
+    assert "(not augmented)" in (tmp_path / "ev_plain" / "sweep.md").read_text()
+    ev.out_dir = str(tmp_path / "ev_bad")
+    ev.sweep.widths_above = [0.9]
+    with pytest.raises(ValueError, match="widths_above contains 0.9"):
+        evaluate.run(ev)
+    assert more.meta["bn_statistics_augmented"] is True
     with pytest.raises(ValueError, match="bn_images=-1 must be 0"):
         sample.run(
             compose_config(

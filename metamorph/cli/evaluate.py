@@ -118,6 +118,7 @@ def run_metamorphic(cfg: DictConfig, log=print) -> dict:
         gammas=list(sw.gammas),
         depths=list(sw.depths),
         n_random=int(sw.random_shapes),
+        widths_above=list(sw.get("widths_above") or []),
         k=k,
         seed=int(cfg.seed),
         latency=bool(cfg.latency),

@@ -154,6 +154,7 @@ def run_sweep(
     depths=(),
     n_random: int = 0,
     k: int | None = None,
+    widths_above=(),
     seed: int = 0,
     latency: bool = True,
     latency_batch_size: int = 1,
@@ -176,7 +177,18 @@ def run_sweep(
         if n_random
         else []
     )
-    pts = sweep_points(net, [float(g) for g in gammas], [int(d) for d in depths], (), custom)
+    for f in widths_above:
+        if not (isinstance(f, (int, float)) and float(f) > 1.0):
+            raise ValueError(
+                f"sweep.widths_above contains {f}; each must be a width factor above 1 (e.g. 1.25)"
+            )
+    pts = sweep_points(
+        net,
+        [float(g) for g in gammas],
+        [int(d) for d in depths],
+        [float(f) for f in widths_above],
+        custom,
+    )
     if not pts:
         raise ValueError("the sweep is empty: give sweep.gammas and/or sweep.depths")
     for p in pts:
