@@ -126,6 +126,10 @@ def test_task_config_parses_shared_optim_and_rejects_typos():
     assert metamorph_config(cfg).ema_shared is False
     cfg.task.ema_shared = True
     assert metamorph_config(cfg).ema_shared is True
+    cfg.task.prepare.bn_scal = "unit"  # a typo in task.prepare fails with the valid keys
+    with pytest.raises(ValueError, match=r"task.prepare`: unknown keys \['bn_scal'\].*bn_scale"):
+        metamorph_config(cfg)
+    del cfg.task.prepare["bn_scal"]
     cfg.task.shared_optim = {"name": "sgd", "lr": 0.02, "nesterov": True}
     parsed = metamorph_config(cfg).shared_optim
     assert parsed == OptimConfig(name="sgd", lr=0.02, nesterov=True)

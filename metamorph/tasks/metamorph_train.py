@@ -28,6 +28,17 @@ from metamorph.models import fold_batchnorm, insert_batchnorm
 from metamorph.models.resnet_cifar import CifarResNet, ResNetArch
 from metamorph.tasks.metamorph import LossConfig, MetamorphConfig, MetamorphModule, ScheduleConfig
 
+PREPARE_KEYS = {
+    "fold_bn",
+    "permute",
+    "tsp_time_limit",
+    "hidden_order",
+    "bn_strategy",
+    "bn_init",
+    "bn_scale",
+    "bn_calibration_images",
+}
+
 
 def metamorph_config(cfg: DictConfig) -> MetamorphConfig:
     """Validate ``task`` + ``hypernet`` against their schemas (typos fail loudly)."""
@@ -62,6 +73,11 @@ def metamorph_config(cfg: DictConfig) -> MetamorphConfig:
     if unknown:
         raise ValueError(
             f"invalid config `task`: unknown keys {sorted(unknown)}; valid: {sorted(known)}"
+        )
+    bad = set((t.get("prepare") or {}).keys()) - PREPARE_KEYS
+    if bad:
+        raise ValueError(
+            f"invalid config `task.prepare`: unknown keys {sorted(bad)}; valid: {sorted(PREPARE_KEYS)}"
         )
     return MetamorphConfig(
         spec=typed(MetaSpec, t.scope, "task.scope"),
