@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> None:
     a = p.parse_args(argv)
     torch.manual_seed(a.seed)
     prepared, _ = prepare_base(load_any_model(a.base), True, True, 1.0, "importance")
-    data = OmegaConf.load(REPO / "conf" / "data" / "cifar10.yaml")
+    data = OmegaConf.load(REPO / "metamorph" / "conf" / "data" / "cifar10.yaml")
     data.root, data.val_size = a.data_root, 5000  # as the full-network experiments
     dm = build_datamodule(data, mean=prepared.arch.mean, std=prepared.arch.std, seed=a.seed)
     dm.setup("fit")

@@ -19,7 +19,7 @@ from torch import nn
 torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parents[1]
-CONF_DIR = REPO / "conf"
+CONF_DIR = REPO / "metamorph" / "conf"
 
 # The embedded mini CIFAR-10 cut to a handful of images: 48 train (3 batches of 16), 20 val, 20 test.
 TINY_DATA = [

@@ -10,7 +10,7 @@ from omegaconf import OmegaConf
 
 from metamorph.config.schema import DataConfig, ModelConfig, OptimConfig, SchedulerConfig, typed
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
+CONF = Path(__file__).resolve().parents[1] / "metamorph" / "conf"
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
 SEARCH = {e for e in EXPERIMENTS if e.startswith("genecai_")}
 

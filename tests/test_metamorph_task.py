@@ -33,7 +33,7 @@ from metamorph.tasks.metamorph_train import load_metamorph_checkpoint, prepare_b
 torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parents[1]
-CONF = REPO / "conf"
+CONF = REPO / "metamorph" / "conf"
 GAMMA_LABELS = ["g0", "g0.125", "g0.25", "g0.375", "g0.5", "g0.625", "g0.75"]
 
 DATA = [

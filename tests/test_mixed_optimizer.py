@@ -119,8 +119,8 @@ def test_adamw_groups_inside_sgd_are_refused_with_the_fix():
 def test_task_config_parses_shared_optim_and_rejects_typos():
     from metamorph.tasks.metamorph_train import metamorph_config
 
-    base = OmegaConf.load("conf/task/metamorph.yaml")
-    hyper = OmegaConf.load("conf/hypernet/default.yaml")
+    base = OmegaConf.load("metamorph/conf/task/metamorph.yaml")
+    hyper = OmegaConf.load("metamorph/conf/hypernet/default.yaml")
     cfg = OmegaConf.create({"task": base, "hypernet": hyper, "seed": 0})
     assert metamorph_config(cfg).shared_optim is None
     assert metamorph_config(cfg).ema_shared is False

@@ -33,7 +33,7 @@ from metamorph.export.sample import val_batches
 
 torch.set_num_threads(1)
 
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+CONF_DIR = Path(__file__).resolve().parents[1] / "metamorph" / "conf"
 INR = ["hypernet=small", "hypernet.hidden=16", "hypernet.layers=2", "hypernet.freqs=4"]
 
 

@@ -45,7 +45,7 @@ from metamorph.utils.profile import count_flops
 
 torch.set_num_threads(1)
 REPO = Path(__file__).resolve().parents[1]
-CONF = REPO / "conf"
+CONF = REPO / "metamorph" / "conf"
 
 
 @torch.no_grad()

@@ -24,7 +24,6 @@ import subprocess
 import sys
 import time
 from dataclasses import asdict
-from pathlib import Path
 
 import hydra
 import torch
@@ -32,6 +31,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch.utils.flop_counter import FlopCounterMode
 
+from metamorph.config.locations import CONF_DIR
 from metamorph.config.schema import typed
 from metamorph.hypernet.inr import INRConfig
 from metamorph.hypernet.metanet import MetaResNet, MetaSpec
@@ -39,7 +39,6 @@ from metamorph.models import create_model, fold_batchnorm
 from metamorph.models.resnet_cifar import CifarResNet, ResNetArch
 
 # The memory subprocesses import this module: keep Lightning out of its imports (seconds each).
-CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 MEMORY_METHOD_CPU = (
     "CPU: one fresh subprocess per mode; after building the network, optimizer and batch, the "
     "peak-RSS high-water mark is reset to the current RSS (Linux /proc/self/clear_refs = 5); "

@@ -14,11 +14,10 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from metamorph.config.locations import CONF_DIR  # noqa: F401  (re-exported for the entry points)
 from metamorph.config.schema import DataConfig, ModelConfig, typed
 from metamorph.models import create_model, fold_batchnorm
 from metamorph.utils.checkpoint_io import AtomicCheckpointIO
-
-CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 
 
 def build_datamodule(cfg: DictConfig, mean=None, std=None, seed: int = 0):
