@@ -30,7 +30,7 @@ def main() -> None:
     torch.set_num_threads(1)
 
     from metamorph import create_model
-    from metamorph.cli.common import load_any_model
+    from metamorph.runtime.networks import load_any_model
     from metamorph.search import (
         DecompositionEvaluator,
         DecompositionSpace,

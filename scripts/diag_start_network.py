@@ -29,10 +29,11 @@ if str(REPO) not in sys.path:
 
 from omegaconf import OmegaConf  # noqa: E402
 
-from metamorph.cli.common import build_datamodule, load_any_model  # noqa: E402
 from metamorph.hypernet.inr import INRConfig  # noqa: E402
 from metamorph.hypernet.metanet import MetaResNet, MetaSpec, block_names  # noqa: E402
 from metamorph.io.model_file import save_model  # noqa: E402
+from metamorph.runtime.data import build_datamodule  # noqa: E402
+from metamorph.runtime.networks import load_any_model  # noqa: E402
 from metamorph.tasks.metamorph_train import apply_bn_strategy, prepare_base  # noqa: E402
 
 

@@ -46,8 +46,11 @@ def main(argv: list[str] | None = None) -> dict:
 
     from hydra import compose, initialize_config_dir
 
-    from metamorph.cli.common import CONF_DIR, build_datamodule, load_any_model, resolve_device
+    from metamorph.config.locations import CONF_DIR
     from metamorph.config.schema import typed
+    from metamorph.runtime.data import build_datamodule
+    from metamorph.runtime.device import resolve_device
+    from metamorph.runtime.networks import load_any_model
     from metamorph.search import load_compressed
     from metamorph.search.config import SearchConfig
     from metamorph.search.flops import model_flops

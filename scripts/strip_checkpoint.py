@@ -22,7 +22,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from metamorph.io.atomic import atomic_write  # noqa: E402
-from metamorph.utils.checkpoint_io import load_task_checkpoint  # noqa: E402
+from metamorph.runtime.checkpoints import load_task_checkpoint  # noqa: E402
 
 
 def strip(src: Path, dst: Path) -> dict:

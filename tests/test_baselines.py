@@ -476,7 +476,7 @@ def test_individual_baseline_prunes_then_fine_tunes(individual_run, base_file):
 
 
 def test_individual_scratch_config_builds_the_shape(workdir):
-    from metamorph.cli.common import build_model
+    from metamorph.runtime.networks import build_model
 
     hidden = [[16, 16, 16], [32, 32, 32], [64, 64, 48]]
     cfg = compose_config(
@@ -493,8 +493,8 @@ def _neumeta_ckpt(
     workdir: Path, base_file: Path, blocks: str = LAST, extra: tuple = (), name: str = "neumeta"
 ) -> Path:
     """A (untrained) NeuMeta checkpoint over the tiny base, in the format task=metamorph writes."""
-    from metamorph.cli.common import plain
     from metamorph.hypernet.metanet import MetaResNet
+    from metamorph.runtime.summary import plain
     from metamorph.tasks.metamorph import MetamorphModule
     from metamorph.tasks.metamorph_train import metamorph_config, prepare_base
 

@@ -28,7 +28,7 @@ from torch import nn
 import metamorph
 from metamorph.cli import convert, evaluate, train
 from metamorph.models import IMAGENET_MEAN, IMAGENET_STD
-from metamorph.utils.checkpoint_io import AtomicCheckpointIO
+from metamorph.runtime.checkpoint_io import AtomicCheckpointIO
 from metamorph.utils.profile import count_params
 
 SHORT = [
@@ -449,7 +449,7 @@ def test_sigkill_during_checkpoint_write_keeps_last_ckpt(tmp_path):
         f"""
         import io, sys, time, torch
         from pathlib import Path
-        from metamorph.utils.checkpoint_io import AtomicCheckpointIO
+        from metamorph.runtime.checkpoint_io import AtomicCheckpointIO
         ckio = AtomicCheckpointIO()
         path = Path({str(tmp_path / "last.ckpt")!r})
         ckio.save_checkpoint({{"global_step": 1, "w": torch.ones(1000)}}, path)

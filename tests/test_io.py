@@ -15,7 +15,6 @@ from conftest import randomize_bn, write_akamaster_checkpoint
 from safetensors import safe_open
 
 import metamorph
-from metamorph.cli.common import load_any_model
 from metamorph.io import (
     atomic_path,
     atomic_write,
@@ -27,7 +26,8 @@ from metamorph.io import (
 from metamorph.io.akamaster import akamaster_to_metamorph, load_untrusted_checkpoint
 from metamorph.io.model_file import FORMAT
 from metamorph.models import IMAGENET_MEAN, IMAGENET_STD, create_model
-from metamorph.utils.checkpoint_io import AtomicCheckpointIO
+from metamorph.runtime.checkpoint_io import AtomicCheckpointIO
+from metamorph.runtime.networks import load_any_model
 
 MEAN = (0.5, 0.4, 0.3)
 STD = (0.21, 0.22, 0.23)

@@ -280,7 +280,7 @@ def _bn_images_in_sample_and_eval(tmp_path, ckpt, loaded, x):
 
     import metamorph
     from metamorph.cli import evaluate, sample
-    from metamorph.cli.common import build_datamodule
+    from metamorph.runtime.data import build_datamodule
 
     def sampled(n):
         cfg = compose_config(

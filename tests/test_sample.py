@@ -21,7 +21,6 @@ from conftest import TINY_DATA, compose_config, script_cmd, subprocess_env
 
 import metamorph
 from metamorph.cli import evaluate, sample
-from metamorph.cli.common import build_datamodule
 from metamorph.export import (
     Budget,
     candidate_shapes,
@@ -30,6 +29,7 @@ from metamorph.export import (
     select_for_budget,
 )
 from metamorph.export.sample import val_batches
+from metamorph.runtime.data import build_datamodule
 
 torch.set_num_threads(1)
 
@@ -57,9 +57,9 @@ def make_metamorph_checkpoint(folder: Path, steps: int = 2) -> Path:
     (BN folded), every block metamorphic, depth choices [1, 2]; ``steps`` training steps, so the
     EMA INR differs from the live one."""
     from metamorph import create_model
-    from metamorph.cli.common import plain
     from metamorph.hypernet.metanet import MetaResNet
     from metamorph.models import fold_batchnorm
+    from metamorph.runtime.summary import plain
     from metamorph.tasks.metamorph import MetamorphModule
     from metamorph.tasks.metamorph_train import metamorph_config
 
@@ -91,8 +91,9 @@ def make_metamorph_checkpoint(folder: Path, steps: int = 2) -> Path:
 
 def make_pretrain_checkpoint(folder: Path) -> Path:
     """A plain ``task=pretrain`` checkpoint (one step of a ResNet-8)."""
-    from metamorph.cli.common import build_model, plain
     from metamorph.config.schema import OptimConfig, SchedulerConfig, typed
+    from metamorph.runtime.networks import build_model
+    from metamorph.runtime.summary import plain
     from metamorph.tasks.classifier import ClassifierModule
 
     cfg = compose_config(

@@ -692,7 +692,7 @@ def test_baselines_script_matches_the_pipeline_baseline(data, tmp_path, monkeypa
     m = metamorph.load(out / "models" / "baseline_0.json")
     assert count_flops(m) == row["flops"]
     # the same rate as the pipeline's own baseline construction on the same search set
-    from metamorph.cli.common import build_datamodule
+    from metamorph.runtime.data import build_datamodule
 
     cfg = _compose(
         "search", tmp_path, tmp_path / "o", [f"base={tmp_path / 'base.json'}", *SEARCH_TINY]

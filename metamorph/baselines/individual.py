@@ -4,10 +4,14 @@ Two ways to get one:
 
 * **pruned and fine-tuned** (CPU budget): the pretrained network pruned (L1, no data) to the
   shape, written as a model file, then fine-tuned with the ``task=pretrain`` machinery
-  (:func:`metamorph.cli.train.run_pretrain`, whose ``model.init`` points at the pruned file)::
+  (:func:`metamorph.tasks.classifier.run_pretrain`, whose ``model.init`` points at the pruned
+  file), as the registered task ``individual``::
 
-      python -m metamorph.baselines.individual experiment=individual_resnet20_cifar10_cpu \\
+      metamorph-train experiment=individual_resnet20_cifar10_cpu task.name=individual \\
           individual.gamma=0.25 data.root=../shared/data/cifar10-jpeg
+
+  (``python -m metamorph.baselines.individual`` with the same arguments minus ``task.name`` is
+  the older spelling and does the same.)
 
   The experiment's ``model.init`` is ``${individual.pruned}.json``, so once the pruned file exists
   ``metamorph-train experiment=individual_resnet20_cifar10_cpu individual.gamma=0.25`` runs the
@@ -32,8 +36,12 @@ import hydra
 from omegaconf import DictConfig, open_dict
 
 from metamorph.baselines.pruning import NEEDS_DATA, prune_to_shape, resolve_blocks, shape_for_gamma
-from metamorph.cli.common import CONF_DIR, build_datamodule, load_any_model, report
+from metamorph.config.locations import CONF_DIR
 from metamorph.config.schema import typed
+from metamorph.runtime.data import build_datamodule
+from metamorph.runtime.networks import load_any_model
+from metamorph.runtime.summary import report
+from metamorph.runtime.tasks import get_task, register_task
 
 
 @dataclass
@@ -91,11 +99,12 @@ def prune_for_individual(cfg: DictConfig) -> tuple[Path, dict]:
     return path, info
 
 
+@register_task("individual")
 def run_individual(cfg: DictConfig) -> dict:
-    """Prune, then fine-tune the pruned network with ``run_pretrain``; writes ``summary.json``."""
-    from metamorph.cli.train import run_pretrain
-
-    if cfg.task.name != "pretrain":
+    """Prune, then fine-tune the pruned network with the ``pretrain`` task (its ``task.optim`` /
+    ``task.scheduler``); writes ``summary.json``. Run as ``metamorph-train
+    experiment=<individual experiment> task.name=individual``."""
+    if cfg.task.name not in ("pretrain", "individual"):
         raise ValueError(
             f"the individual baseline fine-tunes with task=pretrain, not {cfg.task.name}"
         )
@@ -104,7 +113,7 @@ def run_individual(cfg: DictConfig) -> dict:
     print(f"[individual] pruned {info['criterion']} -> {info['hidden']} : {path}")
     with open_dict(cfg):
         cfg.model.init = str(path)
-    summary = run_pretrain(cfg)
+    summary = get_task("pretrain")(cfg)
     summary.update({"task": "individual", **info})
     summary["time_s"] = round(time.time() - t0, 1)
     out = Path(cfg.paths.output_dir)
@@ -115,6 +124,8 @@ def run_individual(cfg: DictConfig) -> dict:
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
 def main(cfg: DictConfig) -> float | None:
+    """``python -m metamorph.baselines.individual``: the older spelling of ``metamorph-train ...
+    task.name=individual``, kept because the results docs quote it."""
     summary = run_individual(cfg)
     report(summary)
     return summary.get("val/acc")

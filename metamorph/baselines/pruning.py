@@ -661,7 +661,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--merge", action="store_true", help="keep rows of other criteria/gammas")
     a = ap.parse_args(argv)
     torch.set_num_threads(max(1, a.threads))
-    from metamorph.cli.common import load_any_model
+    from metamorph.runtime.networks import load_any_model
 
     t0 = time.time()
     model = load_any_model(a.model)

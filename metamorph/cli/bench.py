@@ -354,7 +354,7 @@ def run(cfg: DictConfig, log=print) -> dict:
     if threads < 1:
         raise ValueError(f"threads={cfg.threads} must be at least 1")
     torch.set_num_threads(threads)
-    from metamorph.cli.common import resolve_device
+    from metamorph.runtime.device import resolve_device
 
     device = resolve_device(str(cfg.device))
     inr = typed(INRConfig, cfg.hypernet, "hypernet")
@@ -472,7 +472,7 @@ def run(cfg: DictConfig, log=print) -> dict:
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="bench")
 def main(cfg: DictConfig) -> None:
-    from metamorph.cli.common import print_summary
+    from metamorph.runtime.summary import print_summary
 
     try:
         s = run(cfg)

@@ -7,9 +7,11 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from metamorph.cli.common import CONF_DIR, load_any_model, print_summary
+from metamorph.config.locations import CONF_DIR
 from metamorph.io.model_file import save_model
 from metamorph.models import fold_batchnorm
+from metamorph.runtime.networks import load_any_model
+from metamorph.runtime.summary import print_summary
 from metamorph.utils.profile import count_params
 
 

@@ -7,48 +7,20 @@ gamma to ``out_dir`` (see :mod:`metamorph.export.sweep`).
 
 from __future__ import annotations
 
-import sys
 import time
 from pathlib import Path
 
-import hydra
 import torch
 from omegaconf import DictConfig
 from torch import nn
 
-from metamorph.cli.common import (
-    CONF_DIR,
-    build_datamodule,
-    load_any_model,
-    print_summary,
-    resolve_device,
-)
+from metamorph.cli.entry import entry_point
+from metamorph.runtime.checkpoints import checkpoint_kind
+from metamorph.runtime.data import build_datamodule
+from metamorph.runtime.device import resolve_device
+from metamorph.runtime.networks import load_any_model
+from metamorph.runtime.summary import print_summary
 from metamorph.utils.profile import count_flops, count_params, cpu_latency_ms
-
-
-def load_eval_model(path: str) -> nn.Module:
-    """Model files and foreign checkpoints, or a pretrain Lightning checkpoint (weights_only)."""
-    p = Path(path)
-    if p.suffix == ".ckpt":
-        from omegaconf import OmegaConf
-
-        from metamorph.cli.common import build_model
-
-        ckpt = torch.load(p, map_location="cpu", weights_only=True)
-        cfg = OmegaConf.create(ckpt["hyper_parameters"]["config"])
-        if cfg.task.name != "pretrain":
-            raise ValueError(
-                f"{p} is a task={cfg.task.name} checkpoint; evaluate it with its own tools"
-            )
-        model_cfg = cfg.model
-        model_cfg.init = None
-        net = build_model(model_cfg, num_classes=None)
-        state = {
-            k.removeprefix("net."): v for k, v in ckpt["state_dict"].items() if k.startswith("net.")
-        }
-        net.load_state_dict(state)
-        return net.eval()
-    return load_any_model(p).eval()
 
 
 @torch.no_grad()
@@ -62,16 +34,12 @@ def accuracy(model: nn.Module, dm, split: str, device: torch.device) -> tuple[fl
 
 
 def is_metamorphic_checkpoint(path: str | Path) -> bool:
-    """A Lightning checkpoint of ``task=metamorph`` (read with ``weights_only=True``)."""
-    p = Path(path)
-    if p.suffix != ".ckpt" or not p.is_file():
-        return False
+    """``src`` is a metamorphic checkpoint (its registered kind); unreadable files are not, and
+    are reported by the loader proper."""
     try:
-        ckpt = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception:  # noqa: BLE001 - corrupt files are reported by the loader proper
+        return checkpoint_kind(path) == "metamorph"
+    except (ValueError, FileNotFoundError):
         return False
-    hp = ckpt.get("hyper_parameters") if isinstance(ckpt, dict) else None
-    return isinstance(hp, dict) and "metamorph" in hp and "base_arch" in hp
 
 
 def run_metamorphic(cfg: DictConfig, log=print) -> dict:
@@ -167,11 +135,29 @@ def run_metamorphic(cfg: DictConfig, log=print) -> dict:
     }
 
 
+def check_src(src) -> Path:
+    """``src`` must be one existing file; a folder is answered with the files in it to pick."""
+    p = Path(str(src))
+    if p.is_dir():
+        found = sorted(
+            str(f) for pat in ("*.ckpt", "*.json", "*.th") for f in p.glob(pat)
+        )[:8]
+        hint = f"; files there: {', '.join(found)}" if found else ""
+        raise ValueError(
+            f"src={src} is a directory; give one file: a model file (.json), an akamaster .th, "
+            f"a task=pretrain .ckpt or a metamorphic checkpoint (metamorph.ckpt){hint}"
+        )
+    if not p.exists():
+        raise FileNotFoundError(f"src={src} not found; give a model file (.json), .th or .ckpt")
+    return p
+
+
 def run(cfg: DictConfig) -> dict:
+    check_src(cfg.src)
     if is_metamorphic_checkpoint(cfg.src):
         return run_metamorphic(cfg)
     t0 = time.time()
-    model = load_eval_model(cfg.src)
+    model = load_any_model(cfg.src).eval()
     dm = build_datamodule(cfg.data, mean=model.arch.mean, std=model.arch.std, seed=cfg.seed)
     dm.setup("test" if cfg.split == "test" else "fit")
     if dm.num_classes != model.arch.num_classes:
@@ -196,14 +182,11 @@ def run(cfg: DictConfig) -> dict:
     return summary
 
 
-@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="eval")
+@entry_point("metamorph-eval", "eval", tee_log=True)
 def main(cfg: DictConfig) -> None:
+    check_src(cfg.src)
     if is_metamorphic_checkpoint(cfg.src):
-        try:
-            s = run_metamorphic(cfg)
-        except (ValueError, FileNotFoundError, PermissionError, NotADirectoryError) as e:
-            print(f"metamorph-eval: error: {e}", file=sys.stderr, flush=True)
-            sys.exit(2)
+        s = run_metamorphic(cfg)  # the user's errors: one line, exit 2 (metamorph.cli.entry)
         md = Path(next(f for f in s["files"] if f.endswith("sweep.md")))
         print(md.read_text())
         print(f"  wrote {len(s['files'])} files to {s['out_dir']}")

@@ -18,7 +18,7 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from metamorph.cli.common import CONF_DIR, build_datamodule, print_summary, resolve_device
+from metamorph.config.locations import CONF_DIR
 from metamorph.export.formats import (
     FORMATS,
     check_onnx,
@@ -40,6 +40,9 @@ from metamorph.export.sample import (
 )
 from metamorph.hypernet.evaluate import is_seen
 from metamorph.io.model_file import save_model
+from metamorph.runtime.data import build_datamodule
+from metamorph.runtime.device import resolve_device
+from metamorph.runtime.summary import print_summary
 from metamorph.utils.profile import count_flops, count_params
 
 # Errors that are the user's input, reported as one line and exit status 2.

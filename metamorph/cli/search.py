@@ -22,14 +22,12 @@ import hydra
 import torch
 from omegaconf import DictConfig
 
-from metamorph.cli.common import (
-    CONF_DIR,
-    build_datamodule,
-    load_any_model,
-    print_summary,
-    resolve_device,
-)
+from metamorph.config.locations import CONF_DIR
 from metamorph.config.schema import typed
+from metamorph.runtime.data import build_datamodule
+from metamorph.runtime.device import resolve_device
+from metamorph.runtime.search_methods import get_search_method
+from metamorph.runtime.summary import print_summary
 
 
 def run(cfg: DictConfig, log=print) -> dict:
@@ -45,46 +43,16 @@ def run(cfg: DictConfig, log=print) -> dict:
     torch.manual_seed(seed)
     out = Path(cfg.paths.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    module = None
-    base_model = None
-    if scfg.method == "metamorph":
-        if not cfg.get("ckpt"):
-            raise ValueError(
-                "search=metamorph needs ckpt=<metamorphic checkpoint (metamorph.ckpt)>"
-            )
-        from metamorph.tasks.metamorph_train import load_metamorph_checkpoint
-
-        module = load_metamorph_checkpoint(cfg.ckpt)
-        arch = module.net.base_arch
-        source = str(cfg.ckpt)
-    else:
-        if not cfg.get("base"):
-            raise ValueError(
-                "metamorph-search needs base=<pretrained model file (.json) or akamaster .th>"
-            )
-        if not Path(str(cfg.base)).exists() and not Path(str(cfg.base) + ".json").exists():
-            raise FileNotFoundError(f"base={cfg.base} not found")
-        base_model = load_any_model(cfg.base).eval()
-        arch = base_model.arch
-        source = str(cfg.base)
+    source = get_search_method(scfg.method).load_source(cfg)
+    arch = source.arch
     dm = build_datamodule(cfg.data, mean=arch.mean, std=arch.std, seed=seed)
     dm.setup("fit")
     if dm.num_classes != arch.num_classes:
         raise ValueError(
             f"the network has {arch.num_classes} classes but {cfg.data.name} has {dm.num_classes}"
         )
-    summary = run_pipeline(
-        scfg,
-        dm,
-        out,
-        base_model=base_model,
-        metamorph_ckpt=str(cfg.ckpt) if scfg.method == "metamorph" else None,
-        metamorph_module=module,
-        seed=seed,
-        log=log,
-        device=device,
-    )
-    summary["source"] = source
+    summary = run_pipeline(scfg, dm, out, source, seed=seed, log=log, device=device)
+    summary["source"] = source.label
     summary["device"] = str(device)
     summary["output_dir"] = str(out)
     log("")

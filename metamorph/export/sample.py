@@ -27,9 +27,8 @@ from metamorph.hypernet.evaluate import (
 from metamorph.hypernet.metanet import MetaResNet, Shape
 from metamorph.models.folding import fold_batchnorm
 from metamorph.models.resnet_cifar import CifarResNet
+from metamorph.runtime.checkpoints import checkpoint_kind, load_checkpoint
 from metamorph.utils.profile import count_flops, cpu_latency_ms
-
-MODEL_FILE_SUFFIXES = (".json", ".safetensors")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -37,77 +36,33 @@ MODEL_FILE_SUFFIXES = (".json", ".safetensors")
 # ----------------------------------------------------------------------------------------------
 
 
-def _looks_like_model_file(path: Path) -> bool:
-    """A metamorph model file (a JSON document or a safetensors file) rather than a checkpoint.
-
-    Checkpoints are zip archives or pickles; a file counts as a model file only if it parses as
-    JSON or carries a consistent safetensors header (8-byte little-endian length that fits the
-    file, then a JSON object), so random bytes are not mistaken for one."""
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as fh:
-            head = fh.read(16)
-            if head.lstrip().startswith(b"{") and size <= 16 << 20:
-                fh.seek(0)
-                try:
-                    json.loads(fh.read())
-                    return True
-                except ValueError:
-                    return False
-    except OSError:
-        return False
-    if len(head) < 10 or head[8:10] != b'{"':
-        return False
-    n = int.from_bytes(head[:8], "little")
-    return 2 <= n <= size - 8
-
-
 def load_metamorphic(path: str | os.PathLike):
     """The :class:`~metamorph.tasks.metamorph.MetamorphModule` of a ``task=metamorph``
     checkpoint (loaded with ``weights_only=True``), in eval mode.
 
-    Raises ``ValueError`` naming the problem for plain pretrain checkpoints, model files and
-    truncated or corrupt files, ``FileNotFoundError`` for a missing path.
+    Raises ``ValueError`` naming the problem for checkpoints of other kinds (plain pretrain
+    checkpoints, model files, ...) and truncated or corrupt files, ``FileNotFoundError`` for a
+    missing path.
     """
-    from metamorph.tasks.metamorph_train import load_metamorph_checkpoint
-
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"metamorphic checkpoint {p} not found")
     if p.is_dir():
         raise ValueError(f"{p} is a directory; ckpt= needs a metamorphic checkpoint file (.ckpt)")
-    if p.suffix in MODEL_FILE_SUFFIXES or _looks_like_model_file(p):
-        raise ValueError(
-            f"{p} is a plain model file (safetensors + JSON), not a metamorphic checkpoint; "
-            "sample from the metamorph.ckpt written by `metamorph-train task=metamorph`"
+    kind = checkpoint_kind(p)
+    if kind != "metamorph":
+        what = {
+            "model_file": "a plain model file (safetensors + JSON)",
+            "akamaster": "a plain akamaster (foreign) checkpoint",
+        }.get(
+            kind,
+            f"a plain task={kind} checkpoint" if kind == "pretrain" else f"a {kind} checkpoint",
         )
-    try:
-        return load_metamorph_checkpoint(p)
-    except ValueError as e:
-        if "not a metamorphic checkpoint" in str(e):
-            kind = _checkpoint_kind(p)
-            if kind:
-                raise ValueError(
-                    f"{p} is a plain {kind} checkpoint, not a metamorphic one; sample from the "
-                    "metamorph.ckpt written by `metamorph-train task=metamorph`"
-                ) from e
-        raise
-
-
-def _checkpoint_kind(path: Path) -> str | None:
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # noqa: BLE001
-        return None
-    if not isinstance(ckpt, dict):
-        return None
-    hp = ckpt.get("hyper_parameters") or {}
-    task = (hp.get("config") or {}).get("task") or {}
-    if isinstance(task, dict) and task.get("name"):
-        return f"task={task['name']}"
-    if "state_dict" in ckpt and "best_prec1" in ckpt:
-        return "akamaster (foreign)"
-    return None
+        raise ValueError(
+            f"{p} is {what}, not a metamorphic checkpoint; sample from the "
+            "metamorph.ckpt written by `metamorph-train task=metamorph`"
+        )
+    return load_checkpoint(p)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -7,7 +7,6 @@ from dataclasses import dataclass, field
 
 from metamorph.search.finetune import FinetuneConfig
 
-METHODS = ("genecai", "metamorph")
 PHASES = ("decompose", "prune", "metamorph")
 
 
@@ -90,21 +89,16 @@ class SearchConfig:
     baseline: BaselineConfig = field(default_factory=BaselineConfig)
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise ValueError(f"unknown search.method={self.method!r}; choose one of {METHODS}")
+        from metamorph.runtime.search_methods import SEARCH_METHODS
+
+        if self.method not in SEARCH_METHODS:
+            raise ValueError(
+                f"unknown search.method={self.method!r}; choose one of {SEARCH_METHODS.names()}"
+            )
         bad = [p for p in self.phases if p not in PHASES]
         if bad or not self.phases:
             raise ValueError(f"search.phases={self.phases} must be a list from {PHASES}")
-        if self.method == "metamorph" and list(self.phases) != ["metamorph"]:
-            raise ValueError("search.method=metamorph runs the single phase [metamorph]")
-        if self.method == "genecai" and "metamorph" in self.phases:
-            raise ValueError("the metamorph phase needs search.method=metamorph")
-        if self.method == "genecai" and list(self.phases) not in (
-            ["decompose"],
-            ["prune"],
-            ["decompose", "prune"],
-        ):
-            raise ValueError("search.phases must be [decompose], [prune] or [decompose, prune]")
+        SEARCH_METHODS.get(self.method).validate(self)
         if self.search_split not in ("val", "train"):
             raise ValueError(
                 f"search.search_split={self.search_split!r}: the fitness uses training data only "
@@ -117,7 +111,5 @@ class SearchConfig:
                 f"unknown search.baseline.kind={self.baseline.kind!r}; "
                 "choose uniform_l1 or uniform_gamma"
             )
-        if self.baseline.kind == "uniform_gamma" and self.method != "metamorph":
-            raise ValueError("search.baseline.kind=uniform_gamma needs search.method=metamorph")
         if self.decompose.pick not in ("min_flops", "max_acc"):
             raise ValueError("search.decompose.pick must be min_flops or max_acc")

@@ -212,9 +212,9 @@ class MetamorphEvaluator(Evaluator):
 
     def setup(self) -> None:
         if self.module is None:
-            from metamorph.tasks.metamorph_train import load_metamorph_checkpoint
+            from metamorph.export.sample import load_metamorphic
 
-            self.module = load_metamorph_checkpoint(self.ckpt)
+            self.module = load_metamorphic(self.ckpt)
         self.module.to(self.device).eval()
         self._ready = True
 

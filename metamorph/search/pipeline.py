@@ -16,13 +16,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from metamorph.runtime.search_methods import get_search_method
 from metamorph.search.config import SearchConfig
 from metamorph.search.evaluate import (
-    DecompositionEvaluator,
     Evaluator,
-    MetamorphEvaluator,
     PopulationEvaluator,
-    PruningEvaluator,
     top1,
 )
 from metamorph.search.finetune import finetune
@@ -41,8 +39,6 @@ from metamorph.search.ga import (
 from metamorph.search.lowrank import save_compressed
 from metamorph.search.prune import channel_order, channel_saliency, prune_physical
 from metamorph.search.spaces import (
-    DecompositionSpace,
-    MetamorphSpace,
     PruningSpace,
     Space,
     uniform_rate_genotype,
@@ -424,18 +420,19 @@ def run_pipeline(
     cfg: SearchConfig,
     dm,
     out_dir: str | Path,
-    base_model: nn.Module | None = None,
-    metamorph_ckpt: str | None = None,
-    metamorph_module=None,
+    source,
     seed: int = 0,
     log: Log = print,
     device: str | torch.device = "cpu",
 ) -> dict:
-    """Run the configured search; ``base_model`` for ``method=genecai``, ``metamorph_ckpt``
-    (and optionally the loaded module) for ``method=metamorph``. ``dm`` is a set-up
+    """Run the search method ``cfg.method`` (a registered :mod:`~metamorph.search.methods`
+    entry) on ``source`` (what its ``load_source`` returned), then fine-tune the chosen front
+    points, build the baselines and write CSVs, models and the plot. ``dm`` is a set-up
     :class:`~metamorph.data.CIFARDataModule` normalised like the network. Candidate evaluation,
     fine-tuning and test accuracy run on ``device``; saliency, FLOPs, latency and the saved model
     files stay on the CPU."""
+    from metamorph.search.methods import SearchContext
+
     t0 = time.time()
     device = torch.device(device)
     out = Path(out_dir)
@@ -448,76 +445,16 @@ def run_pipeline(
     if cfg.search_split == "train":
         log("  warning: the search set is drawn from the train split, which fine-tuning also uses")
     bs = cfg.eval_batch_size
-    phases: list[PhaseResult] = []
-    carried: list[dict] = []
     summary: dict = {"method": cfg.method, "algorithm": cfg.algorithm, "search_images": len(ys)}
-
-    if cfg.method == "metamorph":
-        if metamorph_module is None:
-            from metamorph.tasks.metamorph_train import load_metamorph_checkpoint
-
-            metamorph_module = load_metamorph_checkpoint(metamorph_ckpt)
-        net = metamorph_module.net
-        m = cfg.metamorph
-        space = MetamorphSpace(net, m.min_ratio, m.max_ratio, m.depth)
-        ev = MetamorphEvaluator(
-            space, xs, ys, bs, ckpt=metamorph_ckpt, module=metamorph_module, k=m.k, seed=m.seed
-        ).to(device)
-        original = ev.build(space.identity())
-        pr = search_phase(space, ev, cfg, m.acc_drop, seed, log)
-        phases.append(pr)
-        builder: Callable[[np.ndarray], nn.Module] = ev.build
-        ref_model = original
-    else:
-        if base_model is None:
-            raise ValueError("method=genecai needs a base network")
-        original = base_model.eval()
-        current = original
-        builder = None
-        for i, phase in enumerate(cfg.phases):
-            last = i == len(cfg.phases) - 1
-            if phase == "decompose":
-                d = cfg.decompose
-                space = DecompositionSpace(current, d.bins, d.exclude_stem)
-                ev = DecompositionEvaluator(current, space, xs, ys, bs, d.hooi_iters).to(device)
-                pr = search_phase(space, ev, cfg, d.acc_drop, seed, log)
-            else:
-                p = cfg.prune
-                order = channel_order(channel_saliency(current, xs, ys, p.criterion))
-                space = PruningSpace(current, order)
-                ev = PruningEvaluator(current, space, xs, ys, bs).to(device)
-                pr = search_phase(space, ev, cfg, p.acc_drop, seed + i, log)
-            phases.append(pr)
-            log(
-                f"  [{phase}] {pr.evaluations['total']} evaluated in {pr.seconds:.1f}s; "
-                f"front of {len(pr.front)} feasible points"
-            )
-            if last:
-                builder = ev.build
-                break
-            rec = pick_carry(pr, cfg.decompose.pick)
-            net = ev.build(np.array(rec.genotype)).to(device)
-            acc_before = rec.acc
-            ft = finetune(net, dm, cfg.finetune, seed) if cfg.final.finetune else {"steps": 0}
-            acc_after = accuracy_on(net, xs, ys, bs)
-            net = net.cpu()
-            carried.append(
-                {
-                    "phase": phase,
-                    "id": rec.id,
-                    "flops": model_flops(net),
-                    "search_acc": acc_before,
-                    "search_acc_ft": acc_after,
-                    "finetune_steps": ft["steps"],
-                    "decoded": space.describe(np.array(rec.genotype)),
-                }
-            )
-            log(
-                f"  [{phase}] carried point #{rec.id}: {rec.flops / 1e6:.2f} MFLOPs, "
-                f"{acc_before:.2f}% -> {acc_after:.2f}% after {ft['steps']} fine-tuning steps"
-            )
-            current = net
-        ref_model = original
+    ctx = SearchContext(dm, xs, ys, bs, seed, log, device)
+    outcome = get_search_method(cfg.method).run_phases(source, cfg, ctx)
+    phases, builder, ref_model, carried = (
+        outcome.phases,
+        outcome.builder,
+        outcome.ref_model,
+        outcome.carried,
+    )
+    metamorph_module = source.module
 
     # ---------------------------------------------------------------- base and CSVs
     base_flops = model_flops(ref_model)

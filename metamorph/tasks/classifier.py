@@ -1,15 +1,35 @@
-"""LightningModule training or fine-tuning a plain classifier (``task=pretrain``)."""
+"""``task=pretrain``: train or fine-tune a plain classifier (its LightningModule, its runner and
+its checkpoint kind)."""
 
 from __future__ import annotations
+
+import time
+from pathlib import Path
 
 import lightning as L
 import torch
 import torch.nn.functional as F
 import torchmetrics
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from metamorph.config.schema import OptimConfig, SchedulerConfig
+from metamorph.config.schema import OptimConfig, SchedulerConfig, typed
+from metamorph.io.model_file import save_model
+from metamorph.runtime.checkpoints import (
+    KIND_KEY,
+    lightning_task,
+    read_checkpoint,
+    register_checkpoint_kind,
+)
+from metamorph.runtime.data import build_datamodule
+from metamorph.runtime.networks import build_model
+from metamorph.runtime.summary import plain
+from metamorph.runtime.tasks import register_task
+from metamorph.runtime.trainer import build_trainer, callback_metric
 from metamorph.tasks.optim import build_optimizer, build_scheduler
+from metamorph.utils.profile import count_params
+
+CHECKPOINT_KIND = "pretrain"
 
 
 class ClassifierModule(L.LightningModule):
@@ -62,9 +82,77 @@ class ClassifierModule(L.LightningModule):
     def test_step(self, batch, batch_idx):
         self._eval_step(batch, self.test_acc, "test")
 
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint[KIND_KEY] = CHECKPOINT_KIND
+
     def configure_optimizers(self):
         opt = build_optimizer(self.net.parameters(), self.optim_cfg)
         total = self.trainer.estimated_stepping_batches
         per_epoch = max(1, int(total // max(1, self.trainer.max_epochs or 1)))
         sched = build_scheduler(opt, self.sched_cfg, total, per_epoch)
         return opt if sched is None else {"optimizer": opt, "lr_scheduler": sched}
+
+
+@register_task("pretrain")
+def run_pretrain(cfg: DictConfig) -> dict:
+    """Train (``train``) and test (``test``) ``cfg.model``; writes ``model.safetensors/.json``."""
+    t0 = time.time()
+    L.seed_everything(cfg.seed, workers=True)
+    dm = build_datamodule(cfg.data, seed=cfg.seed)
+    dm.prepare_data()
+    dm.setup("fit")
+    net = build_model(cfg.model, num_classes=dm.num_classes)
+    dm.set_normalization(net.arch.mean, net.arch.std)
+    module = ClassifierModule(
+        net.train(),
+        typed(OptimConfig, cfg.task.optim, "task.optim"),
+        typed(SchedulerConfig, cfg.task.scheduler, "task.scheduler"),
+        label_smoothing=cfg.task.get("label_smoothing", 0.0),
+        hparams=plain(cfg),
+    )
+    trainer = build_trainer(cfg)
+    out_dir = Path(cfg.paths.output_dir)
+    print(
+        f"[metamorph-train] task=pretrain model={cfg.model.name} params={count_params(net):,} -> {out_dir}"
+    )
+    summary: dict = {"task": "pretrain", "model": cfg.model.name, "output_dir": str(out_dir)}
+    if cfg.train:
+        trainer.fit(module, datamodule=dm, ckpt_path=cfg.ckpt_path, weights_only=True)
+        summary["val/acc"] = callback_metric(trainer, "val/acc")
+        summary["global_step"] = trainer.global_step
+    if cfg.test:
+        trainer.test(module, datamodule=dm, verbose=False, weights_only=True)
+        summary["test/acc"] = callback_metric(trainer, "test/acc")
+    if trainer.is_global_zero and not trainer.fast_dev_run:
+        net = module.net.eval().cpu()
+        meta = {
+            "val_acc": summary.get("val/acc"),
+            "test_acc": summary.get("test/acc"),
+            "name": cfg.name,
+        }
+        summary["model_file"] = str(save_model(net, out_dir / "model", meta=meta))
+        if cfg.export_to:
+            Path(cfg.export_to).parent.mkdir(parents=True, exist_ok=True)
+            summary["exported"] = str(save_model(net, cfg.export_to, meta=meta))
+    summary["time_s"] = round(time.time() - t0, 1)
+    return summary
+
+
+def _is_pretrain(obj: dict) -> bool:
+    hp = obj.get("hyper_parameters") or {}
+    return lightning_task(obj) == "pretrain" and "metamorph" not in hp and "slimmable" not in hp
+
+
+@register_checkpoint_kind(CHECKPOINT_KIND, sniff=_is_pretrain)
+def load_pretrain_checkpoint(path: str | Path, map_location: str = "cpu") -> nn.Module:
+    """The plain network of a ``task=pretrain`` Lightning checkpoint (``weights_only``)."""
+    ckpt = read_checkpoint(path, map_location)
+    cfg = OmegaConf.create(ckpt["hyper_parameters"]["config"])
+    model_cfg = cfg.model
+    model_cfg.init = None
+    net = build_model(model_cfg, num_classes=None)
+    state = {
+        k.removeprefix("net."): v for k, v in ckpt["state_dict"].items() if k.startswith("net.")
+    }
+    net.load_state_dict(state)
+    return net.eval()

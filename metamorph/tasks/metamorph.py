@@ -17,6 +17,7 @@ from metamorph.config.schema import OptimConfig, SchedulerConfig
 from metamorph.hypernet.inr import INRConfig
 from metamorph.hypernet.metanet import MetaResNet, MetaSpec, Shape
 from metamorph.hypernet.sampling import SamplingConfig, ShapeSampler
+from metamorph.models.distill import kl_distillation
 from metamorph.models.resnet_cifar import CifarResNet, ResNetArch
 from metamorph.tasks.optim import build_optimizer, build_scheduler, param_group
 
@@ -380,12 +381,7 @@ class MetamorphModule(L.LightningModule):
                 t_logits = t_full if (in_place and hidden != full) else t_teacher
                 if t_logits is not None:
                     used_kd = True
-                    kd = kd + F.kl_div(
-                        F.log_softmax(logits / T, 1),
-                        F.log_softmax(t_logits / T, 1),
-                        reduction="batchmean",
-                        log_target=True,
-                    )
+                    kd = kd + kl_distillation(logits, t_logits, T)
             losses["ce"] = cfg.loss.ce * ce / n
             if used_kd:
                 losses["kd"] = cfg.loss.kd * kd * T * T / n
@@ -505,6 +501,9 @@ class MetamorphModule(L.LightningModule):
         own = [p for n, p in named if any(fnmatch(n, pat) for pat in patterns)]
         rest = [p for n, p in named if not any(fnmatch(n, pat) for pat in patterns)]
         return own, rest
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["kind"] = "metamorph"  # read by metamorph.runtime.checkpoints.checkpoint_kind
 
     def configure_optimizers(self):
         opt = build_optimizer(self.param_groups(), self.cfg.optim)

@@ -12,13 +12,6 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from metamorph.callbacks.ratio_sweep import RatioSweep
-from metamorph.cli.common import (
-    build_datamodule,
-    build_trainer,
-    callback_metric,
-    load_any_model,
-    plain,
-)
 from metamorph.config.schema import OptimConfig, SchedulerConfig, typed
 from metamorph.hypernet.inr import INRConfig
 from metamorph.hypernet.metanet import MetaResNet, MetaSpec, block_names
@@ -26,6 +19,12 @@ from metamorph.hypernet.sampling import SamplingConfig
 from metamorph.io.model_file import save_model
 from metamorph.models import fold_batchnorm, insert_batchnorm
 from metamorph.models.resnet_cifar import CifarResNet, ResNetArch
+from metamorph.runtime.checkpoints import load_task_checkpoint, register_checkpoint_kind
+from metamorph.runtime.data import build_datamodule
+from metamorph.runtime.networks import load_any_model
+from metamorph.runtime.summary import plain
+from metamorph.runtime.tasks import register_task
+from metamorph.runtime.trainer import build_trainer, callback_metric
 from metamorph.tasks.metamorph import LossConfig, MetamorphConfig, MetamorphModule, ScheduleConfig
 
 PREPARE_KEYS = {
@@ -209,6 +208,7 @@ def apply_bn_strategy(
     return new.eval()
 
 
+@register_task("metamorph")
 def run_metamorph(cfg: DictConfig) -> dict:
     t0 = time.time()
     L.seed_everything(cfg.seed, workers=True)
@@ -302,10 +302,14 @@ def run_metamorph(cfg: DictConfig) -> dict:
     return summary
 
 
+def _is_metamorph(obj: dict) -> bool:
+    hp = obj.get("hyper_parameters") or {}
+    return isinstance(hp, dict) and "metamorph" in hp and "base_arch" in hp
+
+
+@register_checkpoint_kind("metamorph", sniff=_is_metamorph)
 def load_metamorph_checkpoint(path: str | Path, map_location: str = "cpu") -> MetamorphModule:
     """Rebuild a trained :class:`MetamorphModule` from its checkpoint with ``weights_only=True``."""
-    from metamorph.utils.checkpoint_io import load_task_checkpoint
-
     ckpt, hp = load_task_checkpoint(path, "metamorph", "metamorphic", map_location)
     cfg = OmegaConf.create(hp["config"])
     mcfg = metamorph_config(cfg)

@@ -27,12 +27,18 @@ from metamorph.baselines.slimmable import (
     SlimmableConfig,
     SlimmableResNet,
     shape_key,
-    soft_cross_entropy,
     sort_hidden_channels,
 )
 from metamorph.config.schema import OptimConfig, SchedulerConfig, typed
 from metamorph.data.transforms import random_crop_flip
+from metamorph.models.distill import soft_cross_entropy
 from metamorph.models.resnet_cifar import CifarResNet, ResNetArch
+from metamorph.runtime.checkpoints import KIND_KEY, load_task_checkpoint, register_checkpoint_kind
+from metamorph.runtime.data import build_datamodule
+from metamorph.runtime.networks import build_model
+from metamorph.runtime.summary import plain
+from metamorph.runtime.tasks import register_task
+from metamorph.runtime.trainer import build_trainer, callback_metric
 from metamorph.tasks.optim import build_optimizer, build_scheduler
 
 CKPT_KEY = "slimmable_bn_stats"
@@ -71,6 +77,7 @@ class SlimmableModule(L.LightningModule):
         self.cfg = cfg
         self.optim_cfg = optim
         self.sched_cfg = scheduler
+        net.trained_ratios = (min(cfg.train_widths), max(cfg.train_widths))
         self.sampler = SandwichSampler(
             cfg.train_widths,
             cfg.num_random,
@@ -195,6 +202,7 @@ class SlimmableModule(L.LightningModule):
 
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint[KIND_KEY] = "slimmable"
         checkpoint[CKPT_KEY] = {
             k: {n: t.detach().cpu() for n, t in v.items()} for k, v in self.net.calibrated.items()
         }
@@ -213,15 +221,9 @@ class SlimmableModule(L.LightningModule):
         return opt if sched is None else {"optimizer": opt, "lr_scheduler": sched}
 
 
+@register_task("slimmable")
 def run_slimmable(cfg: DictConfig) -> dict:
     """Train, recalibrate, test and export; returns the run summary (also ``summary.json``)."""
-    from metamorph.cli.common import (
-        build_datamodule,
-        build_model,
-        build_trainer,
-        callback_metric,
-        plain,
-    )
     from metamorph.io.model_file import save_model
     from metamorph.utils.profile import count_params
 
@@ -308,11 +310,15 @@ def _sb(block: str) -> tuple[int, int]:
     return int(s) - 1, int(b)
 
 
+def _is_slimmable(obj: dict) -> bool:
+    hp = obj.get("hyper_parameters") or {}
+    return isinstance(hp, dict) and "slimmable" in hp and "base_arch" in hp
+
+
+@register_checkpoint_kind("slimmable", sniff=_is_slimmable)
 def load_slimmable_checkpoint(path: str | Path, map_location: str = "cpu") -> SlimmableModule:
     """Rebuild a trained :class:`SlimmableModule` (with its per-width BN statistics) from its
     checkpoint, loaded with ``weights_only=True``."""
-    from metamorph.utils.checkpoint_io import load_task_checkpoint
-
     ckpt, hp = load_task_checkpoint(path, "slimmable", "slimmable", map_location)
     scfg = SlimmableConfig(**hp["slimmable"])
     task = (hp.get("config") or {}).get("task", {}) or {}

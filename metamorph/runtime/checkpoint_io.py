@@ -41,25 +41,3 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def remove_checkpoint(self, path) -> None:
         if os.path.exists(path):
             os.remove(path)
-
-
-def load_task_checkpoint(path, task: str, label: str, map_location="cpu") -> tuple[dict, dict]:
-    """A Lightning checkpoint of ``task=<task>`` loaded with ``weights_only=True``.
-
-    Returns ``(checkpoint, hyper_parameters)``; raises a clear error for a missing, corrupt or
-    truncated file, or for a checkpoint of another kind (no ``task`` entry in its
-    hyper-parameters). ``label`` names the kind in messages ("metamorphic", "slimmable").
-    """
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"{label} checkpoint {path} not found")
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # noqa: BLE001 - re-raised with a clear message
-        raise ValueError(f"{path} is truncated, corrupt or not a checkpoint: {e}") from e
-    hp = ckpt.get("hyper_parameters", {}) if isinstance(ckpt, dict) else {}
-    if task not in hp or "base_arch" not in hp:
-        raise ValueError(
-            f"{path} is not a {label} checkpoint (trained with task={task}); got a different kind"
-        )
-    return ckpt, hp
