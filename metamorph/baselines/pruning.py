@@ -37,7 +37,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from metamorph.models.metrics import top1
+from metamorph.models.pruning import prune_to_widths
 from metamorph.models.resnet_cifar import CifarResNet
+from metamorph.models.segments import (
+    Suffix,
+    block_names,
+    block_position,
+    forward_from,
+    forward_to,
+    resolve_blocks,
+)
+from metamorph.models.subnet import check_hidden, hidden_arch, uniform_hidden
+
+all_blocks = block_names  # this module's name for it before the models layer had it
 
 Shape = list[list[int]]
 Batches = Sequence[tuple[torch.Tensor, torch.Tensor]]
@@ -72,44 +85,13 @@ __all__ = [
 # --------------------------------------------------------------------------------------------
 
 
-def all_blocks(arch) -> list[str]:
-    """Every BasicBlock name of ``arch`` in forward order (``layer1.0`` ... ``layer3.2``)."""
-    return [f"layer{s + 1}.{b}" for s, stage in enumerate(arch.hidden) for b in range(len(stage))]
-
-
-def _index(name: str) -> tuple[int, int]:
-    s, b = name.removeprefix("layer").split(".")
-    return int(s) - 1, int(b)
-
-
-def resolve_blocks(arch, blocks: str | Iterable[str]) -> list[str]:
-    """``"all"`` / ``["all"]`` or a list of block names -> validated names in forward order."""
-    names = all_blocks(arch)
-    if isinstance(blocks, str):
-        blocks = [blocks]
-    blocks = list(blocks)
-    if blocks == ["all"]:
-        return names
-    unknown = [b for b in blocks if b not in names]
-    if unknown or not blocks:
-        raise ValueError(f"unknown blocks {unknown or blocks}; this network has {names} (or 'all')")
-    return [n for n in names if n in blocks]
-
-
 def shape_for_gamma(arch, blocks: str | Iterable[str], gamma: float) -> Shape:
     """Every chosen block at ``max(1, round((1 - gamma) * full))`` hidden channels, the others
     at full width: the rule of :meth:`MetaResNet.shape_for_gamma` (the official pruning script
     uses ``int(64 * (1 - ratio))``; both agree at gamma = 0, 0.25, 0.5, 0.75)."""
     if not 0.0 <= gamma < 1.0:
         raise ValueError(f"compression ratio gamma={gamma} must be in [0, 1)")
-    chosen = set(resolve_blocks(arch, blocks))
-    return [
-        [
-            max(1, round(w * (1 - gamma))) if f"layer{s + 1}.{b}" in chosen else w
-            for b, w in enumerate(stage)
-        ]
-        for s, stage in enumerate(arch.hidden)
-    ]
+    return uniform_hidden(arch.hidden, resolve_blocks(arch, blocks), gamma)
 
 
 def changed_blocks(
@@ -119,25 +101,19 @@ def changed_blocks(
 
     Depth must stay; widths may only shrink (to >= 1); with ``blocks`` given, only those may
     change."""
-    base = arch.hidden
-    if len(hidden) != len(base) or any(len(h) != len(b) for h, b in zip(hidden, base)):
-        raise ValueError(
-            f"target shape {hidden} must keep the depth of the network {base}; "
-            "pruning only removes hidden channels"
-        )
-    allowed = set(resolve_blocks(arch, blocks)) if blocks is not None else None
-    out = {}
-    for s, (stage, bstage) in enumerate(zip(hidden, base)):
-        for b, (w, full) in enumerate(zip(stage, bstage)):
-            name = f"layer{s + 1}.{b}"
-            w = int(w)
-            if not 1 <= w <= full:
-                raise ValueError(f"width {w} of {name} must be in 1..{full} (pruning only shrinks)")
-            if w != full:
-                if allowed is not None and name not in allowed:
-                    raise ValueError(f"{name} is not among the blocks to prune {sorted(allowed)}")
-                out[name] = w
-    return out
+    allowed = resolve_blocks(arch, blocks) if blocks is not None else block_names(arch)
+    ranges = {}
+    for name in allowed:
+        s, b = block_position(name)
+        ranges[name] = (1, arch.hidden[s][b])
+    kind = f"among the blocks to prune {sorted(allowed)}" if blocks is not None else "prunable"
+    check_hidden(hidden, arch.hidden, ranges, None, kind, hint=" (pruning only shrinks)")
+    return {
+        f"layer{s + 1}.{b}": int(w)
+        for s, (stage, bstage) in enumerate(zip(hidden, arch.hidden))
+        for b, (w, full) in enumerate(zip(stage, bstage))
+        if int(w) != full
+    }
 
 
 def _check_model(model: nn.Module) -> CifarResNet:
@@ -147,9 +123,7 @@ def _check_model(model: nn.Module) -> CifarResNet:
 
 
 def _rebuild(model: CifarResNet, hidden: Shape, state: dict[str, torch.Tensor]) -> CifarResNet:
-    arch = copy.deepcopy(model.arch)
-    arch.hidden = [list(map(int, s)) for s in hidden]
-    net = CifarResNet(arch)
+    net = CifarResNet(hidden_arch(model.arch, hidden))
     net.load_state_dict({k: v.detach().clone() for k, v in state.items()})
     if hasattr(model, "meta"):
         net.meta = dict(model.meta)
@@ -161,57 +135,16 @@ def _rebuild(model: CifarResNet, hidden: Shape, state: dict[str, torch.Tensor]) 
 # --------------------------------------------------------------------------------------------
 
 
-def forward_to(model: CifarResNet, start: str | None, x: torch.Tensor) -> torch.Tensor:
-    """The input of block ``start`` (``None``: the image itself)."""
-    if start is None:
-        return x
-    out = F.relu(model.bn1(model.conv1(x)))
-    for s, stage in enumerate(model.stages()):
-        for b, block in enumerate(stage):
-            if f"layer{s + 1}.{b}" == start:
-                return out
-            out = block(out)
-    raise ValueError(f"no block {start!r} in this network")
-
-
-def forward_from(model: CifarResNet, start: str | None, h: torch.Tensor) -> torch.Tensor:
-    """Logits from the input ``h`` of block ``start`` (``None``: from the image)."""
-    if start is None:
-        return model(h)
-    running = False
-    for s, stage in enumerate(model.stages()):
-        for b, block in enumerate(stage):
-            running = running or f"layer{s + 1}.{b}" == start
-            if running:
-                h = block(h)
-    if not running:
-        raise ValueError(f"no block {start!r} in this network")
-    return model.fc(F.adaptive_avg_pool2d(h, 1).flatten(1))
-
-
 def _prefix_names(model: CifarResNet, start: str | None) -> list[str]:
     if start is None:
         return []
-    before = all_blocks(model.arch)
+    before = block_names(model.arch)
     before = before[: before.index(start)]
     return [
         k
         for k in model.state_dict()
         if k.split(".")[0] in ("conv1", "bn1") or ".".join(k.split(".")[:2]) in before
     ]
-
-
-class Suffix(nn.Module):
-    """``Suffix(net, start)(h) = forward_from(net, start, h)``: the part of ``net`` from block
-    ``start`` on as a module (for ``torch.func.functional_call``; parameter names ``net.*``)."""
-
-    def __init__(self, net: CifarResNet, start: str | None) -> None:
-        super().__init__()
-        self.net = net
-        self.start = start
-
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return forward_from(self.net, self.start, h)
 
 
 class CachedEval:
@@ -241,11 +174,7 @@ class CachedEval:
                     f"{k} differs from the base network: the cached prefix (up to "
                     f"{self.start}) does not apply to this network"
                 )
-        correct = total = 0
-        for h, y in self.feats:
-            correct += int((forward_from(net, self.start, h).argmax(1) == y).sum())
-            total += len(y)
-        return 100.0 * correct / max(1, total)
+        return top1(lambda h: forward_from(net, self.start, h), self.feats)
 
 
 # --------------------------------------------------------------------------------------------
@@ -333,16 +262,13 @@ def prune_to_shape(
     if criterion not in CRITERIA:
         raise ValueError(f"unknown pruning criterion {criterion!r}; choose one of {CRITERIA}")
     targets = changed_blocks(model.arch, hidden, blocks)
-    kept = {
-        n: list(range(model.arch.hidden[_index(n)[0]][_index(n)[1]]))
-        for n in all_blocks(model.arch)
-    }
+    kept = {n: list(range(model.arch.hidden[s][b])) for n, (s, b) in _positions(model.arch)}
     if not targets:
         net = _rebuild(model, hidden, model.state_dict())
         return (net, kept) if return_kept else net
     if criterion in NEEDS_DATA and not calib_batches:
         raise ValueError(f"criterion {criterion!r} needs calibration batches (calib_batches)")
-    order = all_blocks(model.arch)
+    order = block_names(model.arch)
     if calib_from is not None and order.index(calib_from) > min(map(order.index, targets)):
         raise ValueError(f"calib_from={calib_from} comes after the first pruned block")
 
@@ -420,24 +346,18 @@ def prune_l1_manual(model: CifarResNet, hidden: Shape, return_kept: bool = False
     so the ranking of the surviving channels never changes)."""
     model = _check_model(model)
     targets = changed_blocks(model.arch, hidden)
-    state = {k: v.clone() for k, v in model.state_dict().items()}
-    kept = {
-        n: list(range(model.arch.hidden[_index(n)[0]][_index(n)[1]]))
-        for n in all_blocks(model.arch)
-    }
-    for n, w in targets.items():
-        score = state[f"{n}.conv1.weight"].abs().flatten(1).sum(1)
-        keep = torch.topk(score, w).indices.sort().values
-        kept[n] = keep.tolist()
-        for k in list(state):
-            if k.startswith(f"{n}.conv1.") or (
-                k.startswith(f"{n}.bn1.") and not k.endswith("num_batches_tracked")
-            ):
-                state[k] = state[k][keep]
-            elif k == f"{n}.conv2.weight":
-                state[k] = state[k][:, keep]
-    net = _rebuild(model, hidden, state)
+    kept = {n: list(range(model.arch.hidden[s][b])) for n, (s, b) in _positions(model.arch)}
+    if not targets:
+        net = _rebuild(model, hidden, model.state_dict())
+        return (net, kept) if return_kept else net
+    net, keep = prune_to_widths(model, targets, "l1")
+    kept.update({n: idx.tolist() for n, idx in keep.items()})
+    net.eval()
     return (net, kept) if return_kept else net
+
+
+def _positions(arch) -> list[tuple[str, tuple[int, int]]]:
+    return [(n, block_position(n)) for n in block_names(arch)]
 
 
 # --------------------------------------------------------------------------------------------
@@ -504,7 +424,7 @@ def pruning_curve(
                 "gamma": round(float(g), 6),
                 "acc": acc,
                 "params": count_params(net),
-                "widths": [hidden[_index(n)[0]][_index(n)[1]] for n in names],
+                "widths": [hidden[s][b] for s, b in map(block_position, names)],
                 "seconds": round(time.time() - t0, 3),
             }
             rows.append(row)

@@ -21,27 +21,20 @@ NeuMeta's setting (official code ``SLIM_FLAGS``): widths ``[0.5, 0.75, 1.0]`` in
 
 from __future__ import annotations
 
-import copy
 import json
 from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from metamorph.baselines.pruning import (
-    Suffix,
-    _index,
-    forward_from,
-    forward_to,
-    resolve_blocks,
-    shape_for_gamma,
-)
 from metamorph.models.calibrate import recalibrate_batchnorm
-from metamorph.models.resnet_cifar import CifarResNet
+from metamorph.models.distill import soft_cross_entropy
+from metamorph.models.resnet_cifar import CifarResNet, cifar_resnet_arch
+from metamorph.models.segments import Suffix, forward_from, forward_to, resolve_blocks
+from metamorph.models.subnet import ResNetWidths, as_lists, register_subnet_family
 
 Shape = list[list[int]]
 BNStats = dict[str, torch.Tensor]
@@ -155,9 +148,11 @@ class SandwichSampler:
         return out + [inner[i] for i in idx.tolist()]
 
 
-class SlimmableResNet(nn.Module):
+@register_subnet_family
+class SlimmableResNet(ResNetWidths, nn.Module):
     """A :class:`CifarResNet` (BN present) whose chosen blocks run at any hidden width ``d``
-    on the first ``d`` channels of their tensors.
+    on the first ``d`` channels of their tensors: a sub-network family over ``hidden`` shapes
+    (depth fixed, each slimmable block 1..full; :class:`~metamorph.models.subnet.ResNetWidths`).
 
     ``forward(x, hidden)`` runs the network at ``hidden`` (a shape like ``arch.hidden``; ``None``:
     full). ``features(x)`` + ``forward_from(h, hidden)`` split the network at the first slimmable
@@ -178,15 +173,57 @@ class SlimmableResNet(nn.Module):
         self.start = self.blocks[0]
         self.full_shape: Shape = [list(s) for s in net.arch.hidden]
         self.calibrated: dict[str, BNStats] = {}
+        # trained width ratios (min, max), for telling seen from unseen widths; set by the task
+        self.trained_ratios: tuple[float, float] | None = None
         self._templates: OrderedDict[str, nn.Module] = OrderedDict()
 
-    # ------------------------------------------------------------------ shapes
-    def full_width(self, block: str) -> int:
-        s, b = _index(block)
-        return self.full_shape[s][b]
+    # ------------------------------------------------------------------ family
+    family_name = "slimmable"
+    shape_kind = "slimmable"
 
-    def shape_for_gamma(self, gamma: float) -> Shape:
-        return shape_for_gamma(self.net.arch, self.blocks, gamma)
+    @property
+    def base_arch(self):
+        return self.net.arch
+
+    def width_ranges(self) -> dict[str, tuple[int, int]]:
+        return {b: (1, self.full_width(b)) for b in self.blocks}
+
+    def is_seen(self, hidden) -> bool:
+        """Every slimmable block inside the trained width ratios (all widths when unknown)."""
+        if self.trained_ratios is None:
+            return True
+        lo, hi = self.trained_ratios
+        for b in self.blocks:
+            s, j = (int(v) for v in b.removeprefix("layer").split("."))
+            full = self.full_width(b)
+            if not lo * full - 1e-6 <= hidden[s - 1][j] <= hi * full + 1e-6:
+                return False
+        return True
+
+    def check_shape(self, hidden: Shape) -> None:
+        self.validate(hidden)
+
+    def forward_at(self, x: torch.Tensor, hidden) -> torch.Tensor:
+        """Evaluation logits at ``hidden``: the sliced shared tensors with this width's
+        recalibrated BN statistics when they exist (as :meth:`materialize` carries them)."""
+        hidden = as_lists(self.validate(hidden))
+        state = self.sliced_state(hidden, detach=True)
+        state.update(self.calibrated.get(shape_key(hidden), {}))
+        with torch.device("meta"):
+            mod = CifarResNet(self.arch_for(hidden))
+        return functional_call(mod.eval(), state, (x,))
+
+    @classmethod
+    def example(cls) -> SlimmableResNet:
+        torch.manual_seed(0)
+        net = CifarResNet(cifar_resnet_arch(depth=8, stage_widths=[4, 8, 8]))
+        for m in net.modules():  # non-trivial BN statistics, so slicing them matters
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+        return cls(net.eval(), "all")
+
+    # ------------------------------------------------------------------ shapes
 
     def shape_for_ratio(self, ratio: float) -> Shape:
         """Every slimmable block at ``max(1, round(ratio * full))``."""
@@ -199,20 +236,6 @@ class SlimmableResNet(nn.Module):
             for s, stage in enumerate(self.full_shape)
         ]
 
-    def check_shape(self, hidden: Shape) -> None:
-        if len(hidden) != len(self.full_shape) or any(
-            len(h) != len(f) for h, f in zip(hidden, self.full_shape)
-        ):
-            raise ValueError(f"shape {hidden} must keep the depth of {self.full_shape}")
-        for s, (stage, full) in enumerate(zip(hidden, self.full_shape)):
-            for b, (w, fw) in enumerate(zip(stage, full)):
-                name = f"layer{s + 1}.{b}"
-                if name in self.blocks:
-                    if not 1 <= w <= fw:
-                        raise ValueError(f"width {w} of {name} must be in 1..{fw}")
-                elif w != fw:
-                    raise ValueError(f"{name} is not slimmable: its width must stay {fw}")
-
     # ------------------------------------------------------------------ tensors
     def sliced_state(self, hidden: Shape, detach: bool = False) -> dict[str, torch.Tensor]:
         """Every parameter and buffer of the network at ``hidden`` (views of the shared ones)."""
@@ -224,19 +247,14 @@ class SlimmableResNet(nn.Module):
             block = ".".join(parts[:2])
             d = None
             if block in self.blocks:
-                s, b = _index(block)
-                d = hidden[s][b]
+                s, b = (int(v) for v in block.removeprefix("layer").split("."))
+                d = hidden[s - 1][b]
             if d is not None and parts[2] in ("conv1", "bn1") and v.dim() > 0:
                 v = v[:d]
             elif d is not None and parts[2] == "conv2" and parts[3] == "weight":
                 v = v[:, :d]
             out[k] = v.detach() if detach else v
         return out
-
-    def arch_for(self, hidden: Shape):
-        arch = copy.deepcopy(self.net.arch)
-        arch.hidden = [list(map(int, s)) for s in hidden]
-        return arch
 
     def _template(self, hidden: Shape) -> nn.Module:
         key = shape_key(hidden)
@@ -278,6 +296,7 @@ class SlimmableResNet(nn.Module):
     def materialize(self, hidden: Shape, use_calibrated: bool = True) -> CifarResNet:
         """A standalone plain :class:`CifarResNet` at ``hidden`` (copies of the sliced tensors),
         with that width's recalibrated BN statistics when they exist (``use_calibrated``)."""
+        hidden = as_lists(self.validate(hidden))
         device = next(self.net.parameters()).device
         net = CifarResNet(self.arch_for(hidden)).to(device)
         net.load_state_dict({k: v.clone() for k, v in self.sliced_state(hidden, True).items()})
@@ -290,8 +309,3 @@ class SlimmableResNet(nn.Module):
 
     def is_calibrated(self, hidden: Shape) -> bool:
         return shape_key(hidden) in self.calibrated
-
-
-def soft_cross_entropy(logits: torch.Tensor, target_probs: torch.Tensor, t: float) -> torch.Tensor:
-    """``-sum p_teacher log p_student`` (temperature ``t``, scaled by ``t^2``), batch mean."""
-    return -(target_probs * F.log_softmax(logits / t, dim=1)).sum(1).mean() * (t * t)

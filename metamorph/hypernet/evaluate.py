@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
 
 from metamorph.hypernet.metanet import MetaResNet, Shape
+from metamorph.models.metrics import top1
 
 
 @dataclass
@@ -41,22 +41,7 @@ def gamma_label(gamma: float) -> str:
 
 def is_seen(net: MetaResNet, hidden: Shape) -> bool:
     """Inside the trained width range for every metamorphic block, and a trained depth."""
-    spec = net.spec
-    for s, stage in enumerate(hidden):
-        base = net.base_arch.hidden[s]
-        if len(stage) != len(base) and not (
-            spec.depth_choices and min(len(base), *spec.depth_choices) <= len(stage)
-        ):
-            return False
-        for b, w in enumerate(stage):
-            name = f"layer{s + 1}.{b}"
-            if name in net.meta_blocks:
-                full = net.full_width(name)
-                lo = math.ceil(spec.min_width_ratio * full - 1e-9)
-                hi = math.floor(spec.max_width_ratio * full + 1e-9)
-                if not lo <= w <= hi:
-                    return False
-    return True
+    return net.is_seen(hidden)
 
 
 def sweep_points(
@@ -101,14 +86,9 @@ def random_shapes(net: MetaResNet, n: int, seed: int = 0, depth: bool = False) -
     return [sampler.sample(i + 1) for i in range(n)]
 
 
-@torch.no_grad()
 def batch_accuracy(forward, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> float:
     """Top-1 (%) of ``forward`` (a network or any ``x -> logits``) over ``(x, y)`` batches."""
-    correct = total = 0
-    for x, y in batches:
-        correct += (forward(x).argmax(1) == y).sum().item()
-        total += y.numel()
-    return 100.0 * correct / max(1, total)
+    return top1(forward, batches)
 
 
 def accuracy_at(

@@ -9,6 +9,7 @@ cross-entropy gradients reach the INR in the same autograd graph as every other 
 from __future__ import annotations
 
 import copy
+import math
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
@@ -19,7 +20,10 @@ from torch.func import functional_call
 from metamorph.data.transforms import normalize, random_crop_flip
 from metamorph.hypernet.inr import INRConfig, TensorSlot, WeightINR
 from metamorph.models.calibrate import BN_STATS, recalibrate_batchnorm
-from metamorph.models.resnet_cifar import CifarResNet, ResNetArch
+from metamorph.models.folding import fold_batchnorm
+from metamorph.models.resnet_cifar import CifarResNet, cifar_resnet_arch
+from metamorph.models.segments import block_names
+from metamorph.models.subnet import ResNetWidths, as_lists, register_subnet_family
 
 Shape = list[list[int]]
 BLOCK_TENSORS = ("conv1.weight", "conv1.bias", "conv2.weight", "conv2.bias")
@@ -61,12 +65,16 @@ class MetaSpec:
             raise ValueError("task.scope.anchor_trainable=true needs task.scope.anchor=true")
 
 
-def block_names(arch: ResNetArch) -> list[str]:
-    return [f"layer{s + 1}.{b}" for s, stage in enumerate(arch.hidden) for b in range(len(stage))]
+@register_subnet_family
+class MetaResNet(ResNetWidths, nn.Module):
+    """Frozen base network (folded, permuted) whose chosen blocks come from a :class:`WeightINR`.
 
+    A sub-network family over ``hidden`` shapes (:class:`~metamorph.models.subnet.ResNetWidths`):
+    each metamorphic block 1..``max_width``, each stage 1..its depth; :meth:`sample` draws
+    inside the trained width range and depths."""
 
-class MetaResNet(nn.Module):
-    """Frozen base network (folded, permuted) whose chosen blocks come from a :class:`WeightINR`."""
+    family_name = "metamorphic"
+    shape_kind = "metamorphic"
 
     def __init__(
         self, base: CifarResNet, spec: MetaSpec, inr_cfg: INRConfig, shared: list[str] | None = None
@@ -189,10 +197,6 @@ class MetaResNet(nn.Module):
         net.load_state_dict({k: self.base_tensor(k).detach().cpu().clone() for k in self.base_keys})
         return net.eval()
 
-    def full_width(self, block: str) -> int:
-        s, b = block.removeprefix("layer").split(".")
-        return self.base_arch.hidden[int(s) - 1][int(b)]
-
     @property
     def full_shape(self) -> Shape:
         return [list(s) for s in self.base_arch.hidden]
@@ -201,57 +205,67 @@ class MetaResNet(nn.Module):
     def max_width(self, block: str) -> int:
         return max(1, int(self.full_width(block) * self.spec.max_width_factor))
 
-    def check_shape(self, hidden: Shape) -> None:
-        base = self.base_arch.hidden
-        if len(hidden) != len(base):
-            raise ValueError(f"shape has {len(hidden)} stages; the network has {len(base)}")
-        for s, (stage, bstage) in enumerate(zip(hidden, base)):
-            if not 1 <= len(stage) <= len(bstage):
-                raise ValueError(
-                    f"stage {s + 1} keeps {len(stage)} blocks; allowed 1..{len(bstage)}"
-                )
-            for b, w in enumerate(stage):
-                name = f"layer{s + 1}.{b}"
-                if name in self.meta_blocks:
-                    if not 1 <= w <= self.max_width(name):
-                        raise ValueError(
-                            f"width {w} of {name} is outside the supported range 1..{self.max_width(name)}"
-                        )
-                elif w != bstage[b]:
-                    raise ValueError(
-                        f"{name} is not metamorphic: its width must stay {bstage[b]} (got {w})"
-                    )
+    def width_ranges(self) -> dict[str, tuple[int, int]]:
+        return {b: (1, self.max_width(b)) for b in self.meta_blocks}
 
-    def shape_for_gamma(self, gamma: float, depth: int | list[int] | None = None) -> Shape:
-        """Uniform compression ratio: every metamorphic block at ``round((1-gamma) * full)``."""
-        if not 0.0 <= gamma < 1.0:
-            raise ValueError(f"compression ratio gamma={gamma} must be in [0, 1)")
-        shape = []
-        for s, stage in enumerate(self.base_arch.hidden):
-            keep = len(stage) if depth is None else (depth if isinstance(depth, int) else depth[s])
-            keep = min(keep, len(stage))
-            row = []
-            for b in range(keep):
-                name = f"layer{s + 1}.{b}"
-                full = stage[b]
-                row.append(max(1, round(full * (1 - gamma))) if name in self.meta_blocks else full)
-            shape.append(row)
-        return shape
+    def depth_floor(self) -> int:
+        return 1
 
-    def gamma_of(self, hidden: Shape) -> float:
-        """Mean compression ratio of the metamorphic blocks present in ``hidden``."""
-        ratios = []
+    def trained_width_range(self, block: str) -> tuple[int, int]:
+        """The hidden widths of ``block`` seen in training (``min/max_width_ratio``)."""
+        full = self.full_width(block)
+        lo = max(1, math.ceil(self.spec.min_width_ratio * full - 1e-9))
+        hi = max(lo, math.floor(self.spec.max_width_ratio * full + 1e-9))
+        return lo, hi
+
+    def sample_ranges(self) -> dict[str, tuple[int, int]]:
+        return {b: self.trained_width_range(b) for b in self.meta_blocks}
+
+    def sample_depths(self) -> list[list[int]]:
+        choices = [int(c) for c in self.spec.depth_choices if int(c) >= 1]
+        return [
+            sorted({min(c, len(stage)) for c in choices} | {len(stage)})
+            for stage in self.base_arch.hidden
+        ]
+
+    def is_seen(self, hidden: Shape) -> bool:
+        """Inside the trained width range for every metamorphic block, and a trained depth."""
+        spec = self.spec
         for s, stage in enumerate(hidden):
+            base = self.base_arch.hidden[s]
+            if len(stage) != len(base) and not (
+                spec.depth_choices and min(len(base), *spec.depth_choices) <= len(stage)
+            ):
+                return False
             for b, w in enumerate(stage):
                 name = f"layer{s + 1}.{b}"
                 if name in self.meta_blocks:
-                    ratios.append(1 - w / self.full_width(name))
-        return float(sum(ratios) / len(ratios)) if ratios else 0.0
+                    full = self.full_width(name)
+                    lo = math.ceil(spec.min_width_ratio * full - 1e-9)
+                    hi = math.floor(spec.max_width_ratio * full + 1e-9)
+                    if not lo <= w <= hi:
+                        return False
+        return True
 
-    def arch_for(self, hidden: Shape) -> ResNetArch:
-        arch = copy.deepcopy(self.base_arch)
-        arch.hidden = [list(s) for s in hidden]
-        return arch
+    def check_shape(self, hidden: Shape) -> None:
+        self.validate(hidden)
+
+    def forward_at(self, x: torch.Tensor, hidden) -> torch.Tensor:
+        """Logits at ``hidden`` from a fresh noise-free emission with this shape's kept-BN
+        statistics: what :meth:`materialize` ``(hidden)`` computes."""
+        hidden = as_lists(self.validate(hidden))
+        with torch.no_grad():
+            emitted = self.emit(hidden)
+            emitted.update(self.bn_statistics(hidden, emitted))
+            return self(x, hidden, emitted)
+
+    @classmethod
+    def example(cls) -> MetaResNet:
+        torch.manual_seed(0)
+        base = CifarResNet(cifar_resnet_arch(depth=8, stage_widths=[4, 8, 8]))
+        fold_batchnorm(base.eval())
+        spec = MetaSpec(blocks=["all"], depth_choices=[1])
+        return cls(base, spec, INRConfig(hidden=8, layers=1, freqs=2)).eval()
 
     # ------------------------------------------------------------------ emission
     def tensor_shape(self, name: str, hidden: Shape) -> tuple[int, ...]:
@@ -308,6 +322,63 @@ class MetaResNet(nn.Module):
     ) -> dict[str, torch.Tensor]:
         """Metamorphic tensors at shape ``hidden``; ``k > 1`` averages k emissions (the first
         noise-free, the others with coordinate noise ``noise``) -- NeuMeta's manifold sampling."""
+        return self.emit_many([hidden], noise, generator, quirk, k)[0]
+
+    def emit_many(
+        self,
+        shapes: list[Shape],
+        noise: float = 0.0,
+        generator: torch.Generator | None = None,
+        quirk: bool = False,
+        k: int = 1,
+        noise_mode: str = "query",
+    ) -> list[dict[str, torch.Tensor]]:
+        """:meth:`emit` for several shapes in one batched INR pass (``WeightINR.emit_tensors``:
+        the heads of equally sized tensors run as batched matmuls, one autograd graph), with
+        the noise drawn in the order the per-shape calls draw it. ``noise_mode="axis"``: per-row
+        / per-column coordinate noise (``hypernet.inr.NOISE_MODES``)."""
+        if quirk and noise > 0 and noise_mode != "query":
+            raise ValueError(
+                "task.noise_quirk=true reproduces the official per-query noise; it cannot "
+                f"combine with task.coord_noise_mode={noise_mode!r} (use query)"
+            )
+        if (quirk and noise > 0) or not self.inr.batched:
+            # the official code's head routing, and the reference path: one head at a time
+            return [self._emit_per_tensor(h, noise, generator, quirk, k) for h in shapes]
+        requests, index = [], []
+        for hidden in shapes:
+            self.check_shape(hidden)
+            names = self.present_meta_tensors(hidden)
+            index.append([])
+            for name in names:
+                slot, shape = self.slot_of[name], self.tensor_shape(name, hidden)
+                first = len(requests)
+                requests.append((slot, shape, noise if k <= 1 else 0.0))
+                requests += [(slot, shape, noise)] * max(0, k - 1)
+                index[-1].append((name, shape, first))
+        ws = self.inr.emit_tensors(requests, generator, noise_mode)
+        out = []
+        for entries in index:
+            emitted = {}
+            for name, shape, first in entries:
+                w = ws[first]
+                if k > 1:
+                    for j in range(1, k):
+                        w = w + ws[first + j]
+                    w = w / k
+                emitted[name] = w + self.anchor_tensor(name, shape) if self.spec.anchor else w
+            out.append(emitted)
+        return out
+
+    def _emit_per_tensor(
+        self,
+        hidden: Shape,
+        noise: float,
+        generator: torch.Generator | None,
+        quirk: bool,
+        k: int,
+    ) -> dict[str, torch.Tensor]:
+        """The reference emission: one INR head after the other (and the noise quirk's path)."""
         self.check_shape(hidden)
         names = self.present_meta_tensors(hidden)
         out = {}
@@ -503,7 +574,7 @@ class MetaResNet(nn.Module):
     ) -> CifarResNet:
         """A standalone plain network (no INR) at ``hidden``, on the CPU: from ``emitted`` (with
         any kept-BN statistics), or from a fresh emission with this shape's statistics."""
-        self.check_shape(hidden)
+        hidden = as_lists(self.validate(hidden))
         if emitted is None:
             g = torch.Generator().manual_seed(seed)
             emitted = self.emit(hidden, noise=noise, generator=g, k=k)

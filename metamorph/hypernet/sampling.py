@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import torch
@@ -32,10 +31,7 @@ class SamplingConfig:
 
 
 def width_range(net: MetaResNet, block: str) -> tuple[int, int]:
-    full = net.full_width(block)
-    lo = max(1, math.ceil(net.spec.min_width_ratio * full - 1e-9))
-    hi = max(lo, math.floor(net.spec.max_width_ratio * full + 1e-9))
-    return lo, hi
+    return net.trained_width_range(block)
 
 
 class ShapeSampler:

@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from metamorph.io.atomic import atomic_write, atomic_write_text
-from metamorph.models.registry import build_from_arch, model_family
+from metamorph.models.registry import build_from_arch, family_of
 
 FORMAT = "metamorph.model/v1"
 
@@ -31,8 +31,13 @@ def _paths(path: str | os.PathLike) -> tuple[Path, Path]:
 def save_model(model: nn.Module, path: str | os.PathLike, meta: dict | None = None) -> Path:
     """Write ``model`` as safetensors + JSON; returns the JSON path. Both writes are atomic."""
     st_path, json_path = _paths(path)
-    arch = model.arch.to_dict()
-    doc = {"format": FORMAT, "family": model_family(model), "arch": arch, "meta": meta or {}}
+    family = family_of(model)
+    doc = {
+        "format": FORMAT,
+        "family": family.name,
+        "arch": family.arch_of(model),
+        "meta": meta or {},
+    }
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     atomic_write(st_path, lambda p: save_file(tensors, str(p), metadata={"format": FORMAT}))
     atomic_write_text(json_path, json.dumps(doc, indent=2))

@@ -1,9 +1,12 @@
 """Architectures (plain ``nn.Module``s), their registry and structural transforms."""
 
 from metamorph.models.folding import fold_batchnorm, fold_conv_bn, insert_batchnorm
+from metamorph.models.lowrank import LOWRANK_FAMILY, Tucker2Conv
 from metamorph.models.registry import (
     build_from_arch,
     create_model,
+    family_of,
+    list_families,
     list_models,
     model_family,
     register_family,
@@ -27,13 +30,17 @@ __all__ = [
     "CifarResNet",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
+    "LOWRANK_FAMILY",
     "ResNetArch",
+    "Tucker2Conv",
     "build_from_arch",
     "cifar_resnet_arch",
     "create_model",
+    "family_of",
     "fold_batchnorm",
     "insert_batchnorm",
     "fold_conv_bn",
+    "list_families",
     "list_models",
     "model_family",
     "register_family",

@@ -15,11 +15,14 @@ Parameter names follow one convention everywhere in metamorph::
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from metamorph.models.registry import register_family, register_model
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
@@ -345,3 +348,21 @@ def cifar_resnet_arch(
         mean=list(mean),
         std=list(std),
     )
+
+
+register_family(
+    "cifar_resnet", CifarResNet, lambda arch: CifarResNet(ResNetArch.from_dict(dict(arch)))
+)
+
+
+def _make_resnet(depth: int) -> Callable[..., nn.Module]:
+    def builder(**kwargs) -> nn.Module:
+        return CifarResNet(cifar_resnet_arch(depth=depth, **kwargs))
+
+    builder.__name__ = f"resnet{depth}"
+    builder.__doc__ = f"CIFAR ResNet-{depth} ({(depth - 2) // 6} BasicBlocks per stage)."
+    return builder
+
+
+for _depth in (20, 32, 44, 56, 110):
+    register_model(_make_resnet(_depth))

@@ -12,6 +12,12 @@ A genotype is a float vector; every gene has a finite, sorted grid of allowed va
 Decoding maps a repaired genotype to the network it stands for and encoding maps it back:
 ``encode(decode(g)) == g`` for every repaired ``g`` and ``decode(encode(p)) == p`` for every
 network ``p`` of the space. No weights are changed by decoding (no retraining inside the search).
+
+Every space is also a sub-network family (:mod:`metamorph.models.subnet`): its descriptors are
+the decoded networks in hashable form (per-layer rank pairs, or ``hidden`` shapes), so the
+family verbs (``validate``, ``materialize``, ``costs``, ``describe``, ``sample``...) work on the
+searched networks; the network a space was built from is held for ``materialize`` but not
+pickled to the search workers.
 """
 
 from __future__ import annotations
@@ -24,10 +30,35 @@ import numpy as np
 import torch
 from torch import nn
 
-from metamorph.models.resnet_cifar import ResNetArch
+from metamorph.models.lowrank import (
+    RankPair,
+    Tucker2Conv,
+    TuckerCache,
+    build_lowrank,
+    lowrank_layers,
+    rank_levels,
+)
+from metamorph.models.pruning import (
+    ChannelMasks,
+    channel_order,
+    channel_saliency,
+    hidden_width,
+    kept_channels,
+    prunable_blocks,
+    prune_physical,
+)
+from metamorph.models.resnet_cifar import CifarResNet, ResNetArch, cifar_resnet_arch
+from metamorph.models.segments import block_position, set_submodule
+from metamorph.models.subnet import (
+    SubnetFamily,
+    as_hidden,
+    as_lists,
+    check_hidden,
+    hidden_arch,
+    register_subnet_family,
+)
 from metamorph.search.flops import resnet_flops
-from metamorph.search.lowrank import RankPair, Tucker2Conv, lowrank_layers, rank_levels
-from metamorph.search.prune import hidden_width, kept_channels, prunable_blocks
+from metamorph.utils.profile import count_params
 
 EPS = 1e-9
 
@@ -57,13 +88,57 @@ def _rate_grid(lo: int, hi: int, full: int) -> np.ndarray:
     return np.array([k / full for k in range(lo, hi + 1)], dtype=np.float64)
 
 
-class Space:
-    """Base class: genes, bound-sweep units, repair, encode/decode and analytic FLOPs."""
+class Space(SubnetFamily):
+    """Base class: genes, bound-sweep units, repair, encode/decode and analytic FLOPs; and the
+    sub-network family verbs over descriptors (:meth:`descriptor` of a genotype, :meth:`genotype`
+    of a descriptor)."""
 
     phase = "base"
     genes: list[Gene]
     units: list[list[int]]  # genes swept together when extracting per-layer bounds
     input_size: tuple[int, int] = (32, 32)
+    source: nn.Module | None = None  # the network the space decodes to (not pickled)
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state.pop("source", None)
+        state.pop("_cache", None)
+        return state
+
+    # ------------------------------------------------------------------ family verbs
+    def descriptor(self, g: np.ndarray):
+        """The hashable descriptor of genotype ``g`` (its decoded network)."""
+        raise NotImplementedError
+
+    def genotype(self, desc) -> np.ndarray:
+        """The genotype of descriptor ``desc`` (a clear error when it is not in the space)."""
+        raise NotImplementedError
+
+    def _genotype_of(self, x) -> np.ndarray:
+        return np.asarray(x, dtype=np.float64) if isinstance(x, np.ndarray) else self.genotype(x)
+
+    def validate(self, desc):
+        return self.descriptor(self.genotype(desc))
+
+    def full(self):
+        return self.descriptor(self.identity())
+
+    def sample(self, rng: np.random.Generator):
+        g = np.array([float(rng.choice(gene.grid)) for gene in self.genes])
+        return self.descriptor(self.repair(g))
+
+    def _source(self) -> nn.Module:
+        if self.source is None:
+            raise ValueError(
+                f"this {type(self).__name__} has no network to materialize (spaces unpickled in "
+                "search workers hold none); build the space from the network"
+            )
+        return self.source
+
+    def costs(self, desc, input_size: tuple[int, int] | None = None) -> dict[str, int]:
+        """Parameters of the member and its analytic FLOPs (the search's fitness)."""
+        g = self.genotype(desc)
+        return {"params": count_params(self.cost_module(desc)), "flops": int(self.flops(g))}
 
     @property
     def n_var(self) -> int:
@@ -96,10 +171,6 @@ class Space:
         raise NotImplementedError
 
     def flops(self, g: np.ndarray) -> int:
-        raise NotImplementedError
-
-    def describe(self, g: np.ndarray) -> dict:
-        """A JSON-able description of the decoded network."""
         raise NotImplementedError
 
     def sweep_candidates(self, unit: list[int], step: float = 0.05) -> list[np.ndarray]:
@@ -154,11 +225,14 @@ def decomposable_convs(model: nn.Module, exclude_stem: bool = True) -> list[str]
     return names
 
 
+@register_subnet_family
 class DecompositionSpace(Space):
     """Two rank-bin genes per k x k conv, ``(r_in level, r_out level)``; the top level of both is
-    the original conv. The stem conv (3 input channels) is excluded by default."""
+    the original conv. The stem conv (3 input channels) is excluded by default. Descriptor: one
+    ``(r_in, r_out)`` pair per decomposable conv (:attr:`layers` order)."""
 
     phase = "decompose"
+    family_name = "lowrank"
 
     def __init__(
         self,
@@ -170,6 +244,7 @@ class DecompositionSpace(Space):
         if lowrank_layers(model):
             raise ValueError("the network is already decomposed; decompose the original network")
         self.arch: ResNetArch = copy.deepcopy(model.arch)
+        self.source = model
         self.bins = int(bins)
         self.input_size = tuple(input_size)
         self.layers = decomposable_convs(model, exclude_stem)
@@ -229,8 +304,51 @@ class DecompositionSpace(Space):
     def flops(self, g: np.ndarray) -> int:
         return resnet_flops(self.arch, self.lowrank(g), self.input_size)
 
-    def describe(self, g: np.ndarray) -> dict:
+    def describe(self, x) -> dict:
+        """The ranks of the decomposed convs, of a descriptor or a genotype."""
+        g = self._genotype_of(x)
         return {"ranks": {n: list(r) for n, r in self.decode(g).items() if r != self.channels[n]}}
+
+    def descriptor(self, g: np.ndarray) -> tuple[tuple[int, int], ...]:
+        ranks = self.decode(g)
+        return tuple((int(ranks[n][0]), int(ranks[n][1])) for n in self.layers)
+
+    def genotype(self, desc) -> np.ndarray:
+        if not isinstance(desc, (list, tuple)) or len(desc) != len(self.layers):
+            raise ValueError(
+                f"a {self.family_name} descriptor is one (r_in, r_out) pair per decomposable conv "
+                f"({len(self.layers)}: {self.layers}); got {desc!r}"
+            )
+        return self.encode({n: tuple(int(r) for r in pair) for n, pair in zip(self.layers, desc)})
+
+    def arch_for(self, desc) -> dict:
+        """The ``cifar_resnet_lowrank`` architecture of the member (``ResNetArch`` + ranks)."""
+        ranks = self.lowrank(self.genotype(desc))
+        return {**self.arch.to_dict(), "lowrank": {n: list(r) for n, r in ranks.items()}}
+
+    def cost_module(self, desc) -> nn.Module:
+        with torch.device("meta"):
+            return build_lowrank(self.arch_for(desc))
+
+    @torch.no_grad()
+    def materialize(self, desc) -> nn.Module:
+        """The source network with each conv of ``desc`` replaced by its Tucker-2 layer
+        (truncated HOSVD, computed once per layer and rank pair)."""
+        g = self.genotype(desc)
+        model = self._source()
+        if getattr(self, "_cache", None) is None:
+            self._cache = TuckerCache(model, self.layers)
+        net = copy.deepcopy(model)
+        for name, (r_in, r_out) in self.lowrank(g).items():
+            c_in, c_out = self.channels[name]
+            layer = self._cache.layer(name, r_in or c_in, r_out or c_out)
+            set_submodule(net, name, copy.deepcopy(layer))
+        return net.eval()
+
+    @classmethod
+    def example(cls) -> DecompositionSpace:
+        torch.manual_seed(0)
+        return cls(CifarResNet(cifar_resnet_arch(depth=8, stage_widths=[4, 8, 8])).eval(), bins=4)
 
 
 # ------------------------------------------------------------------------------------------
@@ -238,11 +356,14 @@ class DecompositionSpace(Space):
 # ------------------------------------------------------------------------------------------
 
 
+@register_subnet_family
 class PruningSpace(Space):
     """One rate gene per BasicBlock hidden layer, on the grid ``k / C`` (k channels pruned,
-    ``k <= C - 1``), with channels removed in a fixed saliency order."""
+    ``k <= C - 1``), with channels removed in a fixed saliency order. Descriptor: the ``hidden``
+    shape of the pruned network (depth kept)."""
 
     phase = "prune"
+    family_name = "pruned"
 
     def __init__(
         self,
@@ -251,6 +372,7 @@ class PruningSpace(Space):
         input_size: tuple[int, int] = (32, 32),
     ) -> None:
         self.arch: ResNetArch = copy.deepcopy(model.arch)
+        self.source = model
         self.lowrank_map = lowrank_layers(model)
         self.input_size = tuple(input_size)
         self.blocks = prunable_blocks(model)
@@ -284,17 +406,60 @@ class PruningSpace(Space):
     def hidden(self, g: np.ndarray) -> list[list[int]]:
         hidden = [list(s) for s in self.arch.hidden]
         for b, k in self.decode(g).items():
-            s, j = (int(v) for v in b.removeprefix("layer").split("."))
-            hidden[s - 1][j] = self.widths[b] - k
+            s, j = block_position(b)
+            hidden[s][j] = self.widths[b] - k
         return hidden
 
     def flops(self, g: np.ndarray) -> int:
-        arch = copy.deepcopy(self.arch)
-        arch.hidden = self.hidden(g)
-        return resnet_flops(arch, self.lowrank_map, self.input_size)
+        return resnet_flops(
+            hidden_arch(self.arch, self.hidden(g)), self.lowrank_map, self.input_size
+        )
 
-    def describe(self, g: np.ndarray) -> dict:
-        return {"hidden": self.hidden(g)}
+    def describe(self, x) -> dict:
+        """The hidden widths of the pruned network, of a descriptor or a genotype."""
+        return {"hidden": self.hidden(self._genotype_of(x))}
+
+    def descriptor(self, g: np.ndarray):
+        return as_hidden(self.hidden(g))
+
+    def genotype(self, desc) -> np.ndarray:
+        hidden = as_hidden(desc)
+        ranges = {b: (1, w) for b, w in self.widths.items()}
+        check_hidden(hidden, self.arch.hidden, ranges, None, "prunable", " (pruning only shrinks)")
+        pruned = {}
+        for b in self.blocks:
+            s, j = block_position(b)
+            pruned[b] = self.widths[b] - hidden[s][j]
+        return self.encode(pruned)
+
+    def arch_for(self, desc) -> dict:
+        arch = hidden_arch(self.arch, self.validate(desc)).to_dict()
+        return {**arch, "lowrank": {n: list(r) for n, r in self.lowrank_map.items()}}
+
+    def cost_module(self, desc) -> nn.Module:
+        with torch.device("meta"):
+            return build_lowrank(self.arch_for(desc))
+
+    def materialize(self, desc) -> nn.Module:
+        """The source network physically pruned to ``desc`` (kept channels in saliency order)."""
+        return prune_physical(self._source(), self.keep(self.genotype(desc))).eval()
+
+    @torch.no_grad()
+    def forward_at(self, x: torch.Tensor, desc) -> torch.Tensor:
+        """The search's own forward: the source network with the pruned channels masked."""
+        model = self._source()
+        masks = ChannelMasks(model, self.blocks)
+        try:
+            masks.set(self.keep(self.genotype(desc)))
+            return model(x)
+        finally:
+            masks.remove()
+
+    @classmethod
+    def example(cls) -> PruningSpace:
+        torch.manual_seed(0)
+        model = CifarResNet(cifar_resnet_arch(depth=8, stage_widths=[4, 8, 8])).eval()
+        return cls(model, channel_order(channel_saliency(model, criterion="l1")))
 
 
 def uniform_rate_genotype(space: PruningSpace, rate: float) -> np.ndarray:
@@ -307,6 +472,7 @@ def uniform_rate_genotype(space: PruningSpace, rate: float) -> np.ndarray:
 # ------------------------------------------------------------------------------------------
 
 
+@register_subnet_family
 class MetamorphSpace(Space):
     """Per metamorphic block a width-reduction rate on ``k / full`` (width = full - k) inside the
     trained width range (or ``[min_ratio, max_ratio] * full``); with ``depth=True`` and a
@@ -314,6 +480,7 @@ class MetamorphSpace(Space):
     of blocks a shallower stage drops are canonically 0 (the repair sets them)."""
 
     phase = "metamorph"
+    family_name = "metamorphic_search"
 
     def __init__(
         self,
@@ -326,6 +493,7 @@ class MetamorphSpace(Space):
         from metamorph.hypernet.sampling import width_range
 
         self.arch: ResNetArch = copy.deepcopy(net.base_arch)
+        self.source = net
         self.input_size = tuple(input_size)
         base = self.arch.hidden
         self.meta_blocks = sorted(
@@ -406,32 +574,65 @@ class MetamorphSpace(Space):
             hidden.append(row)
         return hidden
 
+    def width_ranges(self) -> dict[str, tuple[int, int]]:
+        """The searched widths of each metamorphic block."""
+        out = {}
+        for name, i in self.width_gene.items():
+            grid, full = self.genes[i].grid, self.full[name]
+            out[name] = (full - round(grid[-1] * full), full - round(grid[0] * full))
+        return out
+
     def encode(self, hidden: list[list[int]]) -> np.ndarray:
+        hidden = as_hidden(hidden)
+        floor = [levels[0] for levels in self.depth_levels]
+        check_hidden(
+            hidden, self.arch.hidden, self.width_ranges(), floor, "metamorphic", " searched"
+        )
         g = self.identity()
         for s, row in enumerate(hidden):
+            if len(row) not in self.depth_levels[s]:
+                raise ValueError(
+                    f"stage {s + 1} depth {len(row)} is not searchable; choose {self.depth_levels[s]}"
+                )
             if s in self.depth_gene:
                 g[self.depth_gene[s]] = self.depth_levels[s].index(len(row))
-            elif len(row) != self.depth_levels[s][-1]:
-                raise ValueError(f"stage {s + 1} depth {len(row)} is not searchable")
             for b, w in enumerate(row):
                 name = f"layer{s + 1}.{b}"
                 if name in self.width_gene:
                     i = self.width_gene[name]
                     grid = self.genes[i].grid
                     hit = np.flatnonzero(np.isclose(grid, (self.full[name] - w) / self.full[name]))
-                    if len(hit) == 0:
-                        raise ValueError(f"width {w} of {name} is outside the searched range")
                     g[i] = grid[hit[0]]
-                elif w != self.arch.hidden[s][b]:
-                    raise ValueError(
-                        f"{name} is not metamorphic; its width must stay {self.arch.hidden[s][b]}"
-                    )
         return g
 
     def flops(self, g: np.ndarray) -> int:
-        arch = copy.deepcopy(self.arch)
-        arch.hidden = self.decode(g)
-        return resnet_flops(arch, None, self.input_size)
+        return resnet_flops(hidden_arch(self.arch, self.decode(g)), None, self.input_size)
 
-    def describe(self, g: np.ndarray) -> dict:
-        return {"hidden": self.decode(g)}
+    def describe(self, x) -> dict:
+        """The ``hidden`` shape, of a descriptor or a genotype."""
+        return {"hidden": self.decode(self._genotype_of(x))}
+
+    def descriptor(self, g: np.ndarray):
+        return as_hidden(self.decode(g))
+
+    def genotype(self, desc) -> np.ndarray:
+        return self.encode(desc)
+
+    def arch_for(self, desc) -> ResNetArch:
+        return hidden_arch(self.arch, self.validate(desc))
+
+    def cost_module(self, desc) -> nn.Module:
+        with torch.device("meta"):
+            return CifarResNet(self.arch_for(desc))
+
+    def materialize(self, desc) -> nn.Module:
+        return self._source().materialize(as_lists(self.validate(desc)))
+
+    def forward_at(self, x: torch.Tensor, desc) -> torch.Tensor:
+        return self._source().forward_at(x, self.validate(desc))
+
+    @classmethod
+    def example(cls) -> MetamorphSpace:
+        from metamorph.hypernet.metanet import MetaResNet
+
+        return cls(MetaResNet.example())
