@@ -1,0 +1,1 @@
+"""Built-in point sources (registered on import; see :mod:`metamorph.compare.registry`)."""
