@@ -5,7 +5,7 @@ The prepared base (BN folded, channels permuted, hidden channels in importance o
 BatchNorm re-inserted in every block (``prepare.bn_scale``), cut to ``--gamma`` (the anchor's first
 d hidden channels: L1 pruning of the folded weights), with that shape's BN statistics on the
 1,024 seeded training images a run stores. Fine-tuning this file with the individual baseline's
-recipe (``metamorph-train experiment=individual_resnet20_cifar10_cpu model.init=<out>.json``)
+recipe (``metamorph-train experiment=baselines/recipe/individual_resnet20_cifar10_cpu model.init=<out>.json``)
 separates what the starting point costs from what the metamorphic training loop costs
 (issue 4: a single-shape metamorphic run stays ~2.5 points below the individual network).
 

@@ -12,7 +12,7 @@ Example (the ResNet-56 search of issue 7)::
 
     python scripts/genecai_baselines.py --front outputs/gpu/s4/a1/models/front_1.json \\
         outputs/gpu/s4/a1/models/front_2.json --index 1 2 --device cuda --out outputs/genecai_r56 \\
-        -- experiment=genecai_resnet56 base=outputs/models/resnet56_ft.json \\
+        -- search_experiment=genecai/paper/resnet56_cifar10 base=outputs/models/resnet56_ft.json \\
         data.root=../shared/data/cifar10-jpeg search.finetune.max_steps=null
 
 The last line of stdout is a one-line JSON summary.

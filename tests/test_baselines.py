@@ -433,7 +433,10 @@ def test_slimmable_task_end_to_end(slim_run):
 
 
 def test_slimmable_experiments_compose(workdir):
-    for exp in ("slimmable_resnet20_cifar10", "slimmable_resnet20_cifar10_cpu"):
+    for exp in (
+        "baselines/paper/slimmable_resnet20_cifar10",
+        "baselines/recipe/slimmable_resnet20_cifar10_cpu",
+    ):
         cfg = compose_config("train", workdir / "c", [f"experiment={exp}"])
         assert cfg.task.name == "slimmable" and cfg.task.blocks == ["layer3.2"]
         assert list(cfg.task.train_widths) == [0.5, 0.75, 1.0]
@@ -449,7 +452,7 @@ def individual_run(workdir, base_file) -> dict:
         "train",
         out,
         [
-            "experiment=individual_resnet20_cifar10_cpu",
+            "experiment=baselines/recipe/individual_resnet20_cifar10_cpu",
             *TINY_RUN,
             *TINY_MODEL,
             f"individual.base={base_file}",
@@ -482,7 +485,7 @@ def test_individual_scratch_config_builds_the_shape(workdir):
     cfg = compose_config(
         "train",
         workdir / "c",
-        ["experiment=individual_scratch_resnet20", f"model.kwargs.hidden={hidden}"],
+        ["experiment=baselines/paper/individual_resnet20_cifar10", f"model.kwargs.hidden={hidden}"],
     )
     assert cfg.trainer.max_epochs == 200 and cfg.task.optim.lr == 0.1
     assert cfg.task.scheduler.name == "cosine" and cfg.model.init is None

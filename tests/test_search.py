@@ -629,15 +629,15 @@ def test_experiment_configs_compose(tmp_path):
     from metamorph.config.schema import typed
 
     for exp, method in [
-        ("genecai_resnet56", "genecai"),
-        ("genecai_metamorph_resnet20", "metamorph"),
+        ("genecai/paper/resnet56_cifar10", "genecai"),
+        ("genecai/recipe/metamorph_resnet20_cifar10", "metamorph"),
     ]:
         for algo in ("nsga2", "scalar"):
             cfg = _compose(
                 "search",
                 tmp_path,
                 tmp_path / "o",
-                [f"experiment={exp}", f"search.algorithm={algo}"],
+                [f"search_experiment={exp}", f"search.algorithm={algo}"],
             )
             s = typed(SearchConfig, cfg.search, "search")
             assert s.method == method and s.algorithm == algo and s.search_split == "val"

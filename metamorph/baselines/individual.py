@@ -7,19 +7,19 @@ Two ways to get one:
   (:func:`metamorph.tasks.classifier.run_pretrain`, whose ``model.init`` points at the pruned
   file), as the registered task ``individual``::
 
-      metamorph-train experiment=individual_resnet20_cifar10_cpu task.name=individual \\
+      metamorph-train experiment=baselines/recipe/individual_resnet20_cifar10_cpu task.name=individual \\
           individual.gamma=0.25 data.root=../shared/data/cifar10-jpeg
 
   (``python -m metamorph.baselines.individual`` with the same arguments minus ``task.name`` is
   the older spelling and does the same.)
 
   The experiment's ``model.init`` is ``${individual.pruned}.json``, so once the pruned file exists
-  ``metamorph-train experiment=individual_resnet20_cifar10_cpu individual.gamma=0.25`` runs the
+  ``metamorph-train experiment=baselines/recipe/individual_resnet20_cifar10_cpu individual.gamma=0.25`` runs the
   same fine-tune (for example to resume it with ``ckpt_path=...``).
 * **trained from scratch** at the paper's budget (GPU):
-  ``metamorph-train experiment=individual_scratch_resnet20 'model.kwargs.hidden=[[16,16,16],[32,32,32],[64,64,48]]'``.
+  ``metamorph-train experiment=baselines/paper/individual_resnet20_cifar10 'model.kwargs.hidden=[[16,16,16],[32,32,32],[64,64,48]]'``.
 
-The ``individual`` config block (top level, set by the ``individual_*`` experiments):
+The ``individual`` config block (top level, set by the ``baselines/*/individual_*`` experiments):
 ``base`` (model file to prune), ``blocks``, ``gamma`` or an explicit ``hidden`` shape,
 ``criterion`` (any of :data:`metamorph.baselines.pruning.CRITERIA`; ``taylor`` / ``hessian`` use
 ``calib_batches`` training batches), ``pruned`` (path prefix of the pruned model file).

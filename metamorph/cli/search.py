@@ -9,7 +9,7 @@ accuracy vs FLOPs to the run folder; the last line of stdout is a one-line JSON 
 
     metamorph-search base=outputs/models/resnet56_ft.json data=cifar10 data.root=...
     metamorph-search search=metamorph ckpt=outputs/runs/.../metamorph.ckpt
-    metamorph-search experiment=genecai_resnet56 search.algorithm=scalar
+    metamorph-search search_experiment=genecai/paper/resnet56_cifar10 search.algorithm=scalar
 """
 
 from __future__ import annotations

@@ -222,7 +222,7 @@ def run_metamorph(cfg: DictConfig) -> dict:
     ):
         raise FileNotFoundError(
             f"task.base={base_path} not found: fine-tune a network first "
-            "(metamorph-train experiment=finetune_resnet20 ...) or point task.base at a model file"
+            "(metamorph-train experiment=finetune/resnet20_cifar10 ...) or point task.base at a model file"
         )
     base = load_any_model(base_path)
     p = cfg.task.prepare
