@@ -304,3 +304,43 @@ def test_console_script_on_model_files_and_pruning(tmp_path):
     base = next(r for r in rows if r["method"] == "files" and "net_w8" in r["descriptor"])
     assert pruned[0]["acc"] == base["acc"]
     assert "missing: slimmable checkpoint" in r.stdout
+
+
+def test_metamorphic_source_measures_the_sampled_networks(tmp_path, monkeypatch):
+    """A tiny task=metamorph checkpoint through the checkpoint registry: each swept shape is
+    the network metamorph-sample would ship, its accuracy that of the sweep's emission, seen /
+    unseen as the trained range says, and the emission timed."""
+    from test_sample import make_metamorph_checkpoint
+
+    from metamorph.export.sample import load_metamorphic
+    from metamorph.export.sweep import run_sweep
+    from metamorph.runtime.data import build_datamodule
+
+    monkeypatch.setenv("METAMORPH_SHARED", str(tmp_path / "no-shared"))
+    ckpt = make_metamorph_checkpoint(tmp_path / "mm", steps=1)
+    args = {"ckpt": str(ckpt), "gammas": [0.0, 0.75], "depths": [1], "k": 1}
+    methods = {"mm": {"source": "metamorphic", "label": "MM", "args": args}}
+    s = run_comparison(comparison_cfg(tmp_path, methods), log=lambda *_: None)
+    assert s["points"] == 3 and s["missing"] == 0
+    pts = read_points(tmp_path / "out" / "points" / "mm.csv")
+    assert [q.series for q in pts] == ["width", "width", "depth"]
+    assert [q.seen for q in pts] == [True, False, True]  # trained widths [0.5, 1] x pretrained
+    assert all(q.make_s is not None and q.make_s > 0 for q in pts)
+    assert pts[0].flops > pts[1].flops and pts[0].flops > pts[2].flops
+    module = load_metamorphic(ckpt)
+    dm = build_datamodule(OmegaConf.create(DATA), seed=0)
+    dm.setup()
+    dm.set_normalization(module.net.base_arch.mean, module.net.base_arch.std)
+    rows = run_sweep(
+        module,
+        list(dm.normalized_batches("test")),
+        gammas=[0.0, 0.75],
+        depths=[1],
+        k=1,
+        latency=False,
+    )
+    for q, r in zip(pts, rows):
+        assert abs(q.acc - r.acc) <= 100 / 20 + 1e-6  # within one of the 20 test images
+        assert q.params == r.params and q.flops == r.flops
+    md = (tmp_path / "out" / "comparison.md").read_text()
+    assert "emission + fold (metamorph-sample)" in md and "EMA INR, K=1" in md
