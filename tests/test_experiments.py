@@ -203,3 +203,21 @@ def test_search_and_train_groups_are_apart():
             compose("search", overrides=["experiment=finetune/resnet20_cifar10"])
         with pytest.raises(Exception, match="finetune/resnet20_cifar10"):
             compose("search", overrides=["search_experiment=finetune/resnet20_cifar10"])
+
+
+def test_every_experiment_named_in_docs_and_code_exists():
+    """Commands in the README, the docs, scripts, code and configs name existing experiments."""
+    pattern = re.compile(r"(?<![\w.+])(search_experiment|experiment)=(\w[\w/]*)")
+    files = [REPO / "README.md", *(REPO / "docs").glob("*.md"), *(REPO / "scripts").glob("*")]
+    files += [*(REPO / "metamorph").rglob("*.py"), *(REPO / "metamorph" / "conf").rglob("*.yaml")]
+    known = {(e.group, e.name) for e in EXPERIMENTS}
+    missing = []
+    for f in files:
+        if not f.is_file() or f.name == "EXPERIMENTS.md":
+            continue
+        for n, line in enumerate(f.read_text(errors="replace").splitlines(), 1):
+            for group, name in pattern.findall(line):
+                prefix = name.endswith("/") and any(k[1].startswith(name) for k in known)
+                if (group, name) not in known and not prefix and name != "null":
+                    missing.append(f"{f.relative_to(REPO)}:{n}: {group}={name}")
+    assert not missing, "unknown experiments named:\n" + "\n".join(missing)
