@@ -109,7 +109,7 @@ def markdown(
         lines += [description, ""]
     lines += [
         f"Protocol `{setting.protocol}`: top-1 accuracy of the plain deployable network on all "
-        f"{setting.images:,} images of {setting.data}/{setting.split}; parameters; FLOPs of "
+        f"{setting.images:,} images of {setting.data} ({setting.split} split); parameters; FLOPs of "
         f"one 32x32 image; latency median and IQR on device profile `{setting.profile}` "
         f"(machine `{setting.machine}`: {machine.get('cpu')}, {machine.get('cores')} cores, "
         f"torch {machine.get('torch')}). Every point below was measured this way.",

@@ -30,7 +30,14 @@ def build_context(data_cfg, comp: ComparisonConfig, device, seed: int, min_run_t
     d: DataConfig = typed(DataConfig, data_cfg, "data")
     prof = devices.profile(comp.profile)
     dm = build_datamodule(data_cfg, seed=seed)
-    return Context(dm, d.name, comp.split, prof, device, seed, min_run_time, log)
+    return Context(dm, data_id(d), comp.split, prof, device, seed, min_run_time, log)
+
+
+def data_id(d: DataConfig) -> str:
+    """The data set as points record it: its name and the last part of its root
+    (``cifar10/cifar10-jpeg``, ``cifar10/cifar10-mini``), the same on any checkout."""
+    root = str(d.root).rstrip("/").replace(":", "/").rsplit("/", 1)[-1]
+    return f"{d.name}/{root}"
 
 
 def collect(comp: ComparisonConfig, ctx: Context) -> list[MethodResult]:
@@ -78,15 +85,16 @@ def collect(comp: ComparisonConfig, ctx: Context) -> list[MethodResult]:
 
 def write_outputs(results, ctx: Context, comp: ComparisonConfig, folder: Path) -> list[Path]:
     folder = Path(folder)
-    title = f"{comp.name}: {comp.base} on {ctx.setting.data}/{ctx.setting.split}, {comp.profile}"
+    title = f"{comp.name}: {ctx.setting.data} {ctx.setting.split} split, {comp.profile}"
     write_table_csv(results, folder / "comparison.csv")
     charts = [
         plot(results, "flops", folder / "acc_vs_flops.png", title),
         plot(results, "latency", folder / "acc_vs_latency.png", title),
     ]
-    md = markdown(
-        results, ctx.setting, devices.machine_description(), title, comp.description, charts
+    about = " ".join(
+        x for x in (f"Base network: {comp.base}." if comp.base else "", comp.description) if x
     )
+    md = markdown(results, ctx.setting, devices.machine_description(), title, about, charts)
     (folder / "comparison.md").write_text(md)
     pts_dir = folder / "points"
     pts_dir.mkdir(exist_ok=True)
@@ -126,7 +134,7 @@ def run_comparison(cfg: DictConfig, log=print) -> dict:
     )
     s = ctx.setting
     log(
-        f"[metamorph-compare] {comp.name}: {len(comp.methods)} methods on {s.data}/{s.split} "
+        f"[metamorph-compare] {comp.name}: {len(comp.methods)} methods on {s.data} {s.split} "
         f"({s.images} images), profile {s.profile}, machine {s.machine}"
     )
     results = collect(comp, ctx)
