@@ -224,6 +224,20 @@ def test_points_file_of_the_same_setting_is_used(two_methods, tmp_path):
     assert "points from" in (tmp_path / "out" / "comparison.md").read_text()
 
 
+def test_a_missing_points_file_is_evaluated_and_written(tmp_path, monkeypatch):
+    cache = tmp_path / "cache" / "a.csv"
+    methods = {"a": {**TWO_FAKES["a"], "points": str(cache)}}
+    s = run_comparison(comparison_cfg(tmp_path, methods), log=lambda *_: None)
+    assert s["points"] == 3 and str(cache) in s["files"]
+    first = read_points(cache)
+    # the second run reads the file instead of evaluating the source
+    import metamorph.compare.context as context
+
+    monkeypatch.setattr(context.Context, "measure", lambda *a: pytest.fail("re-evaluated"))
+    run_comparison(comparison_cfg(tmp_path, methods), log=lambda *_: None)
+    assert read_points(tmp_path / "out" / "comparison.csv") == first
+
+
 def test_config_errors_are_clear(tmp_path):
     with pytest.raises(ValueError, match="unknown point source 'nope'.*metamorphic"):
         run_comparison(comparison_cfg(tmp_path, {"x": {"source": "nope"}}), log=print)

@@ -39,7 +39,9 @@ class MethodConfig:
     source: str = ""  # a registered point source (metamorph.compare.list_point_sources())
     label: str = ""  # legend and table label (default: the method's key)
     args: dict[str, Any] = field(default_factory=dict)  # the source's options
-    points: str | None = None  # a points CSV evaluated earlier instead of the source
+    # a points CSV: read instead of the source when it exists (refused if measured under
+    # another setting), else the source's points are evaluated and written there
+    points: str | None = None
     cost: CostConfig = field(default_factory=CostConfig)
 
 

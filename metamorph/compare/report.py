@@ -30,7 +30,8 @@ class MethodResult:
     make_what: str = ""
     notes: list[str] = field(default_factory=list)
     cost: CostConfig = field(default_factory=CostConfig)
-    points_file: str | None = None
+    points_file: str | None = None  # the points were read from this file
+    save_to: str | None = None  # the points were evaluated and go to this file
 
     @property
     def storage_bytes(self) -> int | None:

@@ -53,10 +53,8 @@ def collect(comp: ComparisonConfig, ctx: Context) -> list[MethodResult]:
         res = MethodResult(key, label, m.source, cost=m.cost)
         t0 = time.time()
         try:
-            if m.points:
+            if m.points and Path(m.points).is_file():
                 p = Path(m.points)
-                if not p.is_file():
-                    raise MissingPoints(f"points file {p} not found")
                 res.points = read_points(p, key)
                 if not res.points:
                     raise MissingPoints(f"{p} has no points of method {key!r}")
@@ -74,6 +72,7 @@ def collect(comp: ComparisonConfig, ctx: Context) -> list[MethodResult]:
                     )
                 if not res.points:
                     raise MissingPoints("its source found no networks")
+                res.save_to = m.points  # evaluated because the points file is missing
         except MissingPoints as e:
             res.points, res.missing = [], str(e)
             ctx.log(f"  {label:<24} missing: {e}")
@@ -102,6 +101,15 @@ def write_outputs(results, ctx: Context, comp: ComparisonConfig, folder: Path) -
         if r.points and r.points_file is None:
             write_points(r.points, pts_dir / f"{r.key}.csv")
     return [folder / f for f in OUTPUTS]
+
+
+def save_points(points, path: Path) -> Path:
+    """Write a method's points file atomically (a later run reads it instead of evaluating)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    write_points(points, tmp)
+    tmp.replace(path)
+    return path
 
 
 def run_comparison(cfg: DictConfig, log=print) -> dict:
@@ -141,6 +149,9 @@ def run_comparison(cfg: DictConfig, log=print) -> dict:
     with StagedOutputs(out_dir) as st:
         write_outputs(results, ctx, comp, st.path(""))
         files = [str(p) for p in st.commit()]
+    for r in results:
+        if r.save_to:
+            files.append(str(save_points(r.points, Path(r.save_to))))
     missing = {r.key: r.missing for r in results if r.missing is not None}
     return {
         "comparison": comp.name,
