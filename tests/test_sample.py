@@ -237,11 +237,14 @@ def test_onnx_export_matches_pytorch(ckpt, tmp_path):
     assert files_in(out.parent) == ["r14.json", "r14.onnx", "r14.safetensors"]
     model = metamorph.load(s["model"])
     sess = ort.InferenceSession(str(out) + ".onnx", providers=["CPUExecutionProvider"])
-    x = x_batch(5, seed=7)  # a batch size other than the export's
+    x = x_batch(5, seed=7).sigmoid()  # [0, 1] images; a batch size other than the export's
     got = torch.from_numpy(sess.run(None, {"input": x.numpy()})[0])
+    mean = torch.tensor(model.arch.mean).view(1, 3, 1, 1)
+    std = torch.tensor(model.arch.std).view(1, 3, 1, 1)
     with torch.no_grad():
-        ref = model(x)
+        ref = model((x - mean) / std)  # the graph normalises by itself
     assert (got - ref).abs().max().item() < 1e-4
+    assert model.meta["input"]["normalize_in_graph"] is True
 
 
 def test_torch_export_program_round_trips(ckpt, tmp_path):
@@ -253,9 +256,12 @@ def test_torch_export_program_round_trips(ckpt, tmp_path):
     assert files_in(out.parent) == ["r14.json", "r14.pt2", "r14.safetensors"]
     program = torch.export.load(str(out) + ".pt2")
     model = metamorph.load(s["model"])
-    x = x_batch(3, seed=9)
+    x = x_batch(3, seed=9).sigmoid()  # [0, 1] images: the program normalises them itself
+    mean = torch.tensor(model.arch.mean).view(1, 3, 1, 1)
+    std = torch.tensor(model.arch.std).view(1, 3, 1, 1)
     with torch.no_grad():
-        torch.testing.assert_close(program.module()(x), model(x), atol=1e-5, rtol=1e-5)
+        ref = model((x - mean) / std)
+        torch.testing.assert_close(program.module()(x), ref, atol=1e-5, rtol=1e-5)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -10,21 +10,20 @@ as ``<out>.safetensors`` + ``<out>.json`` (loadable with ``metamorph.load``), pl
 
 from __future__ import annotations
 
-import sys
 import time
 from pathlib import Path
 
-import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from metamorph.config.locations import CONF_DIR
+from metamorph.cli.entry import USER_ERRORS, entry_point
 from metamorph.export.formats import (
     FORMATS,
     check_onnx,
     check_program,
     export_onnx,
     export_program,
+    input_spec,
 )
 from metamorph.export.outputs import StagedOutputs, check_output_dir
 from metamorph.export.sample import (
@@ -45,14 +44,7 @@ from metamorph.runtime.device import resolve_device
 from metamorph.runtime.summary import print_summary
 from metamorph.utils.profile import count_flops, count_params
 
-# Errors that are the user's input, reported as one line and exit status 2.
-USER_ERRORS = (
-    ValueError,
-    FileNotFoundError,
-    PermissionError,
-    NotADirectoryError,
-    IsADirectoryError,
-)
+__all__ = ["USER_ERRORS", "main", "report", "run"]
 
 
 def _out_prefix(out) -> Path:
@@ -217,15 +209,25 @@ def run(cfg: DictConfig, log=print) -> dict:
             val_images=summary["val_images"],
             chosen=chosen.label,
         )
+    nig = bool(cfg.export.normalize_in_graph)
+    if fmt != "safetensors":
+        meta["input"] = input_spec(model, nig)  # what the .onnx / .pt2 graph takes
     files: dict[str, str] = {}
     with StagedOutputs(out.parent) as st:
         save_model(model, st.path(out.name), meta=meta)
         if fmt == "onnx":
             onnx_path = st.path(out.name + ".onnx")
             exporter = export_onnx(
-                model, onnx_path, opset=int(cfg.onnx.opset), exporter=str(cfg.onnx.exporter)
+                model,
+                onnx_path,
+                opset=int(cfg.onnx.opset),
+                exporter=str(cfg.onnx.exporter),
+                normalize_in_graph=nig,
+                metadata={"metamorph_shape": hidden, "metamorph_gamma": round(gamma, 6)},
             )
-            diff = check_onnx(onnx_path, model, batch=int(cfg.onnx.batch), seed=seed)
+            diff = check_onnx(
+                onnx_path, model, batch=int(cfg.onnx.batch), seed=seed, normalize_in_graph=nig
+            )
             summary["onnx_exporter"] = exporter
             summary["onnx_max_abs_diff"] = diff
             if not diff <= float(cfg.onnx.atol):
@@ -235,8 +237,10 @@ def run(cfg: DictConfig, log=print) -> dict:
                 )
         elif fmt == "export":
             pt2 = st.path(out.name + ".pt2")
-            export_program(model, pt2)
-            diff = check_program(pt2, model, batch=int(cfg.onnx.batch), seed=seed)
+            export_program(model, pt2, normalize_in_graph=nig)
+            diff = check_program(
+                pt2, model, batch=int(cfg.onnx.batch), seed=seed, normalize_in_graph=nig
+            )
             summary["export_max_abs_diff"] = diff
             if not diff <= float(cfg.onnx.atol):
                 raise ValueError(
@@ -245,6 +249,12 @@ def run(cfg: DictConfig, log=print) -> dict:
                 )
         for p in st.commit():
             files[p.suffix.lstrip(".")] = str(p)
+    if fmt != "safetensors":
+        summary["input"] = (
+            "[0, 1] RGB images, NCHW float32 (normalisation inside the graph)"
+            if nig
+            else "normalised images ((pixel/255 - mean) / std, see the JSON's meta.input)"
+        )
     summary.update(
         {
             "hidden": hidden,
@@ -279,19 +289,17 @@ def report(s: dict) -> None:
             f"  onnx    max |logit diff| vs PyTorch {s['onnx_max_abs_diff']:.3g} "
             f"(onnxruntime, {s['onnx_exporter']} exporter)"
         )
+    if "input" in s:
+        print(f"  input   {s['input']}")
     if "export_max_abs_diff" in s:
         print(f"  export  torch.export program reloaded, max |diff| {s['export_max_abs_diff']:.3g}")
     for f in s["files"]:
         print(f"  wrote   {f}")
 
 
-@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="sample")
+@entry_point("metamorph-sample", "sample")
 def main(cfg: DictConfig) -> None:
-    try:
-        s = run(cfg)
-    except USER_ERRORS as e:
-        print(f"metamorph-sample: error: {e}", file=sys.stderr, flush=True)
-        sys.exit(2)
+    s = run(cfg)  # the user's errors: one line, exit status 2 (metamorph.cli.entry)
     report(s)
     print_summary(s)
 

@@ -128,13 +128,22 @@ def shape_for_target(
         shape = parse_hidden(hidden)
     else:
         g = parse_gamma(gamma)
+        full = [len(st) for st in net.base_arch.hidden]
         if depth is not None and not isinstance(depth, int):
             depth = [int(d) for d in depth]
+            if len(depth) != len(full):
+                raise ValueError(
+                    f"depth={depth} gives {len(depth)} stages; the network has {len(full)} "
+                    f"(give one int, or one per stage, e.g. {full})"
+                )
+        if depth is not None:  # the shape asked for, never silently cut
+            for s, d in enumerate([depth] * len(full) if isinstance(depth, int) else depth):
+                if not 1 <= int(d) <= full[s]:
+                    raise ValueError(
+                        f"depth {d} of stage {s + 1} is outside 1..{full[s]} (the stage's blocks "
+                        "in the pretrained network)"
+                    )
         shape = net.shape_for_gamma(g, depth=depth)
-        if depth is not None:
-            for s, d in enumerate([depth] * len(shape) if isinstance(depth, int) else depth):
-                if int(d) < 1:
-                    raise ValueError(f"depth {d} of stage {s + 1} must be at least 1")
     net.check_shape(shape)
     return shape
 
