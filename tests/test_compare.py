@@ -358,3 +358,68 @@ def test_metamorphic_source_measures_the_sampled_networks(tmp_path, monkeypatch)
         assert q.params == r.params and q.flops == r.flops
     md = (tmp_path / "out" / "comparison.md").read_text()
     assert "emission + fold (metamorph-sample)" in md and "EMA INR, K=1" in md
+
+
+def test_slimmable_source_through_the_checkpoint_registry(tmp_path, monkeypatch):
+    """A tiny trained slimmable checkpoint: one point per width, BN recalibrated, the widths the
+    slimmable network was trained at seen and the narrower one unseen."""
+    from conftest import compose_config
+    from test_baselines import LAST, TINY_RUN, tiny_net
+
+    import metamorph
+    from metamorph.cli.train import run
+    from metamorph.io.model_file import save_model
+
+    monkeypatch.setenv("METAMORPH_SHARED", str(tmp_path / "no-shared"))
+    base = save_model(tiny_net(seed=4), tmp_path / "base")
+    overrides = [
+        "task=slimmable",
+        *TINY_RUN,
+        f"model.init={base}",
+        f"task.blocks=[{LAST}]",
+        "task.calib_batches=2",
+        "task.val_calib_batches=1",
+    ]
+    summary = run(compose_config("train", tmp_path / "slim", overrides))
+    args = {"ckpt": summary["checkpoint"], "gammas": [0.0, 0.5, 0.75], "calib_batches": 2}
+    methods = {"slim": {"source": "slimmable", "args": args}}
+    s = run_comparison(comparison_cfg(tmp_path, methods), log=lambda *_: None)
+    assert s["points"] == 3 and s["missing"] == 0
+    pts = read_points(tmp_path / "out" / "points" / "slim.csv")
+    assert [q.seen for q in pts] == [True, True, False]  # trained ratios [0.5, 1]
+    for q, g in zip(pts, (0.0, 0.5, 0.75)):
+        exported = metamorph.load(summary["models"][f"g{g:g}"])
+        assert json.loads(q.descriptor)["hidden"] == exported.arch.hidden
+        assert q.params == sum(p.numel() for p in exported.parameters())
+        assert q.make_s > 0 and q.artefact == summary["checkpoint"]
+    with pytest.raises(ValueError, match="is a slimmable checkpoint, not a metamorphic"):
+        wrong = {"w": {"source": "metamorphic", "args": {"ckpt": summary["checkpoint"]}}}
+        run_comparison(comparison_cfg(tmp_path, wrong), log=lambda *_: None)
+
+
+def test_genecai_source_reads_a_search_folder(tmp_path):
+    """A GeneCAI run folder (front.csv, baseline.csv, models/): the front and the uniform-L1
+    networks as two series; model files found in models/ after the folder was moved."""
+    from metamorph.io.model_file import save_model
+
+    run_dir = tmp_path / "search"
+    (run_dir / "models").mkdir(parents=True)
+    rows = {"front.csv": [("front_0", 6)], "baseline.csv": [("baseline_0", 4)]}
+    for name, items in rows.items():
+        with open(run_dir / name, "w", newline="") as fh:
+            w = csv.writer(fh)
+            w.writerow(["name", "flops_ratio", "model_file"])
+            for stem, width in items:
+                save_model(tiny(width), run_dir / "models" / stem)
+                w.writerow([stem, 0.9, f"/elsewhere/models/{stem}.json"])  # moved since
+    methods = {"g": {"source": "genecai", "label": "GeneCAI", "args": {"run_dir": str(run_dir)}}}
+    s = run_comparison(comparison_cfg(tmp_path, methods), log=lambda *_: None)
+    assert s["points"] == 2
+    pts = read_points(tmp_path / "out" / "points" / "g.csv")
+    assert [q.series for q in pts] == ["front", "uniform L1 + fine-tune"]
+    assert [json.loads(q.descriptor)["name"] for q in pts] == ["front_0", "baseline_0"]
+    assert all(q.seen is None for q in pts)
+    assert "GeneCAI" in (tmp_path / "out" / "comparison.md").read_text()
+    gone = {"g": {"source": "genecai", "args": {"run_dir": str(tmp_path / "nope")}}}
+    s = run_comparison(comparison_cfg(tmp_path, gone), log=lambda *_: None)
+    assert "GeneCAI search folder" in s["missing_methods"]["g"]
