@@ -183,7 +183,8 @@ def plot(results: list[MethodResult], axis: str, path: Path, title: str = "") ->
         color = f"C{i % 10}"
         series = list(dict.fromkeys(q.series for q in r.points))
         for j, s in enumerate(series):
-            pts = sorted((q for q in r.points if q.series == s), key=xval)
+            # the line follows the shapes in FLOP order on both charts
+            pts = sorted((q for q in r.points if q.series == s), key=lambda q: q.flops)
             name = r.label if len(series) == 1 else f"{r.label}: {s}"
             mk = MARKERS[j % len(MARKERS)]
             ax.plot([xval(q) for q in pts], [q.acc for q in pts], "-", color=color, alpha=0.5)
