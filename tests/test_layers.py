@@ -121,3 +121,15 @@ def test_plugins_are_upper_layer_modules(name):
     """The registries' lazily imported plugin modules exist and sit above the runtime layer."""
     assert importlib.util.find_spec(name) is not None, f"{name} in BUILTIN_PLUGINS does not exist"
     assert LAYERS[part_of(name)] > LAYERS["runtime"]
+
+
+def test_design_note_states_the_same_ranks():
+    """docs/DESIGN.md's layer table says what LAYERS enforces (its "root" row is the "" key)."""
+    import re
+
+    doc = (PKG.parent / "docs" / "DESIGN.md").read_text()
+    stated = {}
+    for rank, parts in re.findall(r"^\| *(\d+) *\| *(.+?) *\|", doc, re.M):
+        keys = [""] if parts.startswith("root") else re.findall(r"`([\w.]+)`", parts)
+        stated.update(dict.fromkeys(keys, int(rank)))
+    assert stated == LAYERS
