@@ -298,21 +298,47 @@ def test_budget_choice_is_within_budget_and_most_accurate(module, tmp_path):
     assert best.flops == min(c.flops for c in ties)  # ties go to the cheaper shape
 
 
-def test_latency_is_measured_only_after_cheap_filters(module, tmp_path):
+def test_latency_is_predicted_only_after_cheap_filters_and_chosen_measured(module, tmp_path):
+    from metamorph.devices import Measurement, MemoryEstimate, Timing
     from metamorph.export.sample import shape_flops
 
     net = module.net
 
+    class FakePredictor:  # deterministic: 1 ms per 1,000 hidden channels... of the shape
+        calls = 0
+
+        def predict(self, arch):
+            FakePredictor.calls += 1
+            return sum(map(sum, arch.hidden)) / 1000
+
+    measured = []
+
+    def fake_measure(model):
+        ms = sum(map(sum, model.arch.hidden)) / 1000
+        measured.append(model.arch.hidden)
+        mem = MemoryEstimate(1, 0, 1, 1, 1)
+        return Measurement({"name": "fake"}, Timing(ms, ms, ms, 5, 1), 0, 0, mem, None, "", {}, "")
+
     limit = int(0.6 * shape_flops(net, net.full_shape))
-    budget = Budget(max_flops=limit, max_latency_ms=1e6, latency_min_run_time=0.01)
+    budget = Budget(max_flops=limit, max_latency_ms=1e6)
     cands = candidate_shapes(net, gamma_step=0.3, max_gamma=0.9, n_random=0)
-    best, cands = select_for_budget(module, cands, budget, _val(module, tmp_path, 10), k=1)
+    best, cands = select_for_budget(
+        module,
+        cands,
+        budget,
+        _val(module, tmp_path, 10),
+        k=1,
+        predictor=FakePredictor(),
+        measure=fake_measure,
+    )
     for c in cands:
         if c.flops > limit:
-            assert c.latency_ms is None and c.acc is None and c.fails == ["flops"]
+            assert c.predicted_latency_ms is None and c.acc is None and c.fails == ["flops"]
         else:
-            assert c.latency_ms is not None and c.latency_ms > 0 and c.within_budget
-    assert best.flops <= limit
+            assert c.predicted_latency_ms > 0 and c.within_budget
+    assert FakePredictor.calls == sum(c.flops <= limit for c in cands)
+    assert best.flops <= limit and measured == [best.hidden]  # only the chosen one measured
+    assert best.measured_latency_ms == sum(map(sum, best.hidden)) / 1000
 
 
 def test_budget_cli_reports_choice(ckpt, tmp_path, capsys):

@@ -17,6 +17,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from metamorph.cli.entry import USER_ERRORS, entry_point
+from metamorph.devices import get_profile, list_profiles, measure_model
+from metamorph.devices.budget import LIMITS
 from metamorph.export.formats import (
     FORMATS,
     check_onnx,
@@ -58,17 +60,39 @@ def _out_prefix(out) -> Path:
     return p.absolute()
 
 
-def _budget_record(b: dict) -> dict:
-    """The limits given, plus the latency settings when latency is limited."""
-    keys = ["max_params", "max_flops", "max_latency_ms"]
-    if b.get("max_latency_ms") is not None:
-        keys += ["batch_size", "threads", "latency_min_run_time"]
-    return {k: b[k] for k in keys if b.get(k) is not None}
+def _device_profile(cfg: DictConfig) -> str | None:
+    """``device=`` names a device profile (metamorph.devices); the torch device that evaluates
+    budget candidates is ``eval_device=``."""
+    name = cfg.get("device")
+    if name is None:
+        return None
+    if str(name) in ("cpu", "cuda", "auto"):
+        raise ValueError(
+            f"device={name}: device= names a device profile to measure on "
+            f"({', '.join(list_profiles())}); the device that evaluates budget candidates is "
+            f"eval_device={name}"
+        )
+    return get_profile(str(name)).name if not str(name).endswith((".yaml", ".yml")) else str(name)
+
+
+def _measured_record(m) -> dict:
+    """What the summary and the model file keep of an end-to-end measurement."""
+    return {
+        "device": m.profile["name"],
+        "latency_ms": round(m.latency_ms, 4),
+        "latency_iqr_ms": round(m.latency.iqr_ms, 4),
+        "memory_mb": round(m.memory_mb, 4),
+        "memory_what": "analytic (params + activation peak)"
+        if m.measured_memory_bytes is None
+        else m.measured_memory_what,
+        "cpu": m.machine["cpu"],
+        "fingerprint": m.fingerprint,
+    }
 
 
 def _target(cfg: DictConfig) -> str:
     b = cfg.budget
-    budget_set = any(b.get(k) is not None for k in ("max_params", "max_flops", "max_latency_ms"))
+    budget_set = any(b.get(k) is not None for k in LIMITS)
     given = [
         name
         for name, on in (
@@ -81,7 +105,8 @@ def _target(cfg: DictConfig) -> str:
     if len(given) != 1:
         raise ValueError(
             "give exactly one target: gamma=<ratio in [0,1)>, hidden=<[[w,...],...]> or a "
-            f"budget (budget.max_params / max_flops / max_latency_ms); got {given or 'none'}"
+            "budget (budget.max_params / max_flops / max_latency_ms / max_memory_mb); "
+            f"got {given or 'none'}"
         )
     return given[0]
 
@@ -99,9 +124,10 @@ def run(cfg: DictConfig, log=print) -> dict:
     out = _out_prefix(cfg.out)
     check_output_dir(out.parent)  # fail before any expensive work
     budget = None
+    profile = _device_profile(cfg)
     if target == "budget":
         b = OmegaConf.to_container(cfg.budget, resolve=True)
-        budget = Budget(**b)
+        budget = Budget.from_dict({**b, "device": profile})
     module = load_metamorphic(cfg.ckpt)
     net = module.net
     k = module.cfg.eval_k if cfg.k is None else int(cfg.k)
@@ -126,7 +152,7 @@ def run(cfg: DictConfig, log=print) -> dict:
     n_bn = use_bn_images(net, dm, n_bn, seed) if n_bn else 0
     net.bn_augment = bool(cfg.get("bn_augment", True))
     if target == "budget":
-        device = resolve_device(str(cfg.device))
+        device = resolve_device(str(cfg.eval_device))
         module.to(device)
         batches = val_batches(dm, str(cfg.split), cfg.val_subset, seed=seed, device=device)
         n_images = sum(len(y) for _, y in batches)
@@ -139,17 +165,20 @@ def run(cfg: DictConfig, log=print) -> dict:
         chosen, cands = select_for_budget(module, cands, budget, batches, k=k, seed=seed, log=log)
         module.cpu()
         within = [c for c in cands if c.within_budget]
+        over = [c for c in cands if any(f.startswith("measured_") for f in c.fails)]
         log(
             f"  {len(within)} of {len(cands)} met the budget; ranked by {cfg.split} accuracy on "
             f"{n_images} images (EMA, K={k})"
+            + (f"; {len(over)} more measured over budget end to end" if over else "")
         )
         ranked = sorted(within, key=lambda c: (-c.acc, c.flops, c.params))
-        log("  rank | shape        | acc (%) | params     | MFLOPs  | latency (ms)")
+        log("  rank | shape        | acc (%) | params     | MFLOPs  | predicted ms | measured ms")
         for i, c in enumerate(ranked[:5]):
-            lat = "-" if c.latency_ms is None else f"{c.latency_ms:.3f}"
+            pred = "-" if c.predicted_latency_ms is None else f"{c.predicted_latency_ms:.3f}"
+            meas = "-" if c.measured is None else f"{c.measured.latency_ms:.3f}"
             log(
                 f"  {i + 1:>4} | {c.label:<12} | {c.acc:7.2f} | {c.params:>10,} | "
-                f"{c.flops / 1e6:7.2f} | {lat}"
+                f"{c.flops / 1e6:7.2f} | {pred:>12} | {meas:>11}"
             )
         hidden = chosen.hidden
         why = (
@@ -161,16 +190,22 @@ def run(cfg: DictConfig, log=print) -> dict:
         why += ")"
         summary.update(
             {
-                "budget": _budget_record(b),
+                "budget": budget.to_dict(),
                 "chosen": chosen.label,
                 "val_acc": chosen.acc,
                 "val_images": n_images,
                 "candidates": len(cands),
                 "met_budget": len(within),
-                "latency_ms": chosen.latency_ms,
+                "measured_over_budget": [c.label for c in over],
                 "why": why,
             }
         )
+        if chosen.predicted_latency_ms is not None:
+            summary["predicted_latency_ms"] = round(chosen.predicted_latency_ms, 4)
+        if chosen.memory_mb is not None:
+            summary["memory_mb_analytic"] = round(chosen.memory_mb, 4)
+        if chosen.measured is not None:
+            summary["measured"] = _measured_record(chosen.measured)
     else:
         hidden = shape_for_target(
             net,
@@ -184,6 +219,8 @@ def run(cfg: DictConfig, log=print) -> dict:
     calib = calibration_images(dm, n_calib, seed) if n_calib else None
     model = materialize(module, hidden, k=k, seed=seed, calibrate_images=calib)
     params, flops = count_params(model), count_flops(model)
+    if profile is not None and chosen is None:  # a gamma / hidden target measured on device=
+        summary["measured"] = _measured_record(measure_model(model, profile))
     gamma = net.gamma_of(hidden)
     seen = is_seen(net, hidden)
     meta = {
@@ -209,6 +246,10 @@ def run(cfg: DictConfig, log=print) -> dict:
             val_images=summary["val_images"],
             chosen=chosen.label,
         )
+        if "predicted_latency_ms" in summary:
+            meta["predicted_latency_ms"] = summary["predicted_latency_ms"]
+    if "measured" in summary:
+        meta["measured"] = summary["measured"]
     nig = bool(cfg.export.normalize_in_graph)
     if fmt != "safetensors":
         meta["input"] = input_spec(model, nig)  # what the .onnx / .pt2 graph takes
@@ -279,10 +320,17 @@ def report(s: dict) -> None:
     print(f"  shape   {s['hidden']}")
     print(f"  cost    {s['params']:,} params, {s['flops'] / 1e6:.2f} MFLOPs")
     if s["target"] == "budget":
-        lat = "" if s.get("latency_ms") is None else f", {s['latency_ms']:.3f} ms"
         print(
-            f"  chosen  {s['chosen']}: {s['why']}{lat}; {s['candidates']} candidates considered, "
+            f"  chosen  {s['chosen']}: {s['why']}; {s['candidates']} candidates considered, "
             f"{s['met_budget']} met the budget"
+        )
+    m = s.get("measured")
+    if m is not None:
+        pred = s.get("predicted_latency_ms")
+        pred = "" if pred is None else f" (predicted {pred:.3f} ms)"
+        print(
+            f"  device  {m['device']}: measured {m['latency_ms']:.3f} ms (IQR {m['latency_iqr_ms']:.3f})"
+            f"{pred}, memory {m['memory_mb']:.2f} MB [{m['memory_what']}]"
         )
     if "onnx_max_abs_diff" in s:
         print(

@@ -1,9 +1,11 @@
 """Sampling standalone networks from a metamorphic checkpoint.
 
 A target is a uniform compression ratio ``gamma``, an explicit ``hidden`` shape, or a
-:class:`Budget` (parameters, FLOPs, CPU latency). For a budget, :func:`select_for_budget` scores a
-fixed, seeded set of candidate shapes: cheap analytic costs first, latency only for shapes that
-pass them, then accuracy on a held-out subset for the shapes within budget; the most accurate wins.
+:class:`~metamorph.devices.Budget` (parameters, FLOPs, latency and memory on a device profile).
+For a budget, :func:`select_for_budget` scores a fixed, seeded set of candidate shapes: cheap
+analytic costs first, predicted latency only for shapes that pass them, then accuracy on a
+held-out subset for the shapes within budget; the most accurate is measured end to end on the
+device and returned only if it measures within budget (else the next one).
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from pathlib import Path
 import torch
 import yaml
 
+from metamorph.devices.budget import Budget, Option
+from metamorph.devices.measure import Measurement
 from metamorph.hypernet.evaluate import (
     accuracy_at,
     count_shape_params,
@@ -28,8 +32,7 @@ from metamorph.hypernet.metanet import MetaResNet, Shape
 from metamorph.models.folding import fold_batchnorm
 from metamorph.models.resnet_cifar import CifarResNet
 from metamorph.runtime.checkpoints import checkpoint_kind, load_checkpoint
-from metamorph.utils.profile import count_flops, cpu_latency_ms
-
+from metamorph.utils.profile import count_flops
 
 # ----------------------------------------------------------------------------------------------
 # Loading a metamorphic checkpoint (with kind checks)
@@ -225,6 +228,15 @@ def shape_flops(net: MetaResNet, hidden: Shape) -> int:
     return count_flops(net.template(hidden))
 
 
+def deployed_arch(net: MetaResNet, hidden: Shape):
+    """The architecture :func:`materialize` writes for ``hidden`` (kept BatchNorm folded)."""
+    arch = net.arch_for(hidden)
+    if arch.bn_blocks:
+        arch.bn_blocks = []
+        arch.bn = False
+    return arch
+
+
 def shape_latency_ms(
     net: MetaResNet,
     hidden: Shape,
@@ -232,58 +244,26 @@ def shape_latency_ms(
     threads: int | None = None,
     min_run_time: float = 0.2,
 ) -> float:
-    """CPU latency of the plain network at ``hidden`` (weights do not change the time)."""
-    return cpu_latency_ms(
-        CifarResNet(net.arch_for(hidden)), batch_size, threads, min_run_time=min_run_time
+    """Eager-PyTorch CPU latency of the plain network at ``hidden`` (weights do not change the
+    time), measured by :func:`metamorph.devices.time_module` on an ad-hoc ``torch_cpu`` profile."""
+    from metamorph.devices import DeviceProfile, time_module
+
+    threads = int(threads or torch.get_num_threads())
+    p = DeviceProfile(
+        name=f"torch_cpu{threads}_b{batch_size}",
+        threads=threads,
+        batch_size=int(batch_size),
+        warmup=1,
+        min_run_time=float(min_run_time),
     )
+    model = CifarResNet(deployed_arch(net, hidden))
+    x = torch.randn(p.batch_size, model.arch.in_channels, p.resolution, p.resolution)
+    return time_module(model, x, p).median_ms
 
 
 # ----------------------------------------------------------------------------------------------
-# Budgets
+# Budgets (the one Budget type of metamorph.devices)
 # ----------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Budget:
-    max_params: int | None = None
-    max_flops: int | None = None
-    max_latency_ms: float | None = None
-    batch_size: int = 1
-    threads: int | None = 1
-    latency_min_run_time: float = 0.2
-
-    def __post_init__(self) -> None:
-        for name in ("max_params", "max_flops", "max_latency_ms"):
-            v = getattr(self, name)
-            if v is None:
-                continue
-            try:
-                v = float(v)
-            except (TypeError, ValueError) as e:
-                raise ValueError(f"budget.{name}={v!r} is not a number") from e
-            if not math.isfinite(v) or v <= 0:
-                raise ValueError(f"budget.{name}={v} must be a positive number")
-            setattr(self, name, v if name == "max_latency_ms" else int(v))
-        if int(self.batch_size) < 1:
-            raise ValueError(f"budget.batch_size={self.batch_size} must be at least 1")
-        self.batch_size = int(self.batch_size)
-
-    @property
-    def active(self) -> bool:
-        return any(v is not None for v in (self.max_params, self.max_flops, self.max_latency_ms))
-
-    def describe(self) -> str:
-        parts = []
-        if self.max_params is not None:
-            parts.append(f"params <= {self.max_params:,}")
-        if self.max_flops is not None:
-            parts.append(f"FLOPs <= {self.max_flops:,}")
-        if self.max_latency_ms is not None:
-            parts.append(
-                f"CPU latency <= {self.max_latency_ms:g} ms (batch {self.batch_size}, "
-                f"{self.threads or torch.get_num_threads()} threads)"
-            )
-        return ", ".join(parts)
 
 
 @dataclass
@@ -296,7 +276,9 @@ class Candidate:
     seen: bool
     params: int = 0
     flops: int = 0
-    latency_ms: float | None = None
+    memory_mb: float | None = None  # analytic, at the device profile's batch size
+    predicted_latency_ms: float | None = None  # the profile's latency predictor
+    measured: Measurement | None = None  # end to end on the profile (the chosen, and any tried)
     acc: float | None = None
     fails: list[str] = field(default_factory=list)
 
@@ -308,6 +290,10 @@ class Candidate:
     def within_budget(self) -> bool:
         return not self.fails
 
+    @property
+    def measured_latency_ms(self) -> float | None:
+        return None if self.measured is None else self.measured.latency_ms
+
     def to_dict(self) -> dict:
         return {
             "label": self.label,
@@ -317,7 +303,13 @@ class Candidate:
             "depth": self.depth,
             "params": self.params,
             "flops": self.flops,
-            "latency_ms": None if self.latency_ms is None else round(self.latency_ms, 4),
+            "memory_mb": None if self.memory_mb is None else round(self.memory_mb, 4),
+            "predicted_latency_ms": None
+            if self.predicted_latency_ms is None
+            else round(self.predicted_latency_ms, 4),
+            "measured_latency_ms": None
+            if self.measured is None
+            else round(self.measured.latency_ms, 4),
             "acc": self.acc,
             "within_budget": self.within_budget,
             "fails": list(self.fails),
@@ -377,12 +369,6 @@ def candidate_shapes(
     return out
 
 
-def _fmt_cost(metric: str, value: float) -> str:
-    if metric == "latency_ms":
-        return f"{value:.3f} ms"
-    return f"{int(value):,} {'params' if metric == 'params' else 'FLOPs'}"
-
-
 def select_for_budget(
     module,
     candidates: list[Candidate],
@@ -391,73 +377,78 @@ def select_for_budget(
     k: int | None = None,
     seed: int = 0,
     log: Callable[[str], None] | None = None,
+    predictor=None,
+    measure: Callable[[torch.nn.Module], Measurement] | None = None,
 ) -> tuple[Candidate, list[Candidate]]:
-    """Score ``candidates`` against ``budget`` and return ``(best, candidates)``.
+    """Score ``candidates`` against ``budget`` and return ``(best, candidates)`` with
+    :func:`metamorph.devices.select_within_budget`.
 
-    Every candidate gets its parameters and FLOPs; latency is measured only for those within the
-    parameter/FLOP limits; accuracy (on ``batches``, EMA + K-sample emission) only for those
-    within the whole budget. The best is the most accurate (ties: fewer FLOPs, then parameters).
+    Every candidate gets its parameters and FLOPs; memory (analytic) and predicted latency (the
+    profile's :class:`~metamorph.devices.LatencyPredictor`, or ``predictor``) only those within
+    the parameter/FLOP limits; accuracy (on ``batches``, EMA + K-sample emission) those within all
+    of them. The most accurate (ties: fewer FLOPs, then parameters) is materialized and measured
+    end to end on the budget's device (``measure``, default
+    :func:`metamorph.devices.measure_model`); if it measures over budget the next is tried, and
+    if none fits :class:`~metamorph.devices.BudgetError` is raised.
     """
-    if not budget.active:
-        raise ValueError(
-            "the budget sets no limit: give budget.max_params, max_flops or max_latency_ms"
-        )
+    from metamorph.devices import LatencyPredictor, estimate_memory, measure_model
+    from metamorph.devices import select_within_budget as select
+
     net: MetaResNet = module.net
     log = log or (lambda s: None)
     batches = list(batches)
+    profile = budget.profile if budget.needs_device else None
     for c in candidates:
         c.params = count_shape_params(net, c.hidden)
         c.flops = shape_flops(net, c.hidden)
-        c.fails = []
-        if budget.max_params is not None and c.params > budget.max_params:
-            c.fails.append("params")
-        if budget.max_flops is not None and c.flops > budget.max_flops:
-            c.fails.append("flops")
-    cheap_ok = [c for c in candidates if not c.fails]
-    if budget.max_latency_ms is not None and cheap_ok:
-        log(f"  measuring CPU latency of {len(cheap_ok)} shapes within the parameter/FLOP limits")
-        for c in cheap_ok:
-            c.latency_ms = shape_latency_ms(
-                net, c.hidden, budget.batch_size, budget.threads, budget.latency_min_run_time
-            )
-            if c.latency_ms > budget.max_latency_ms:
-                c.fails.append("latency_ms")
-    within = [c for c in candidates if not c.fails]
-    if not within:
-        raise ValueError(_no_shape_message(candidates, budget))
-    log(
-        f"  evaluating {len(within)} shapes within budget on {sum(len(y) for _, y in batches)} images"
-    )
-    for c in within:
-        emitted = module.emit_eval(c.hidden, k=k, seed=seed)
-        c.acc = accuracy_at(net, emitted, c.hidden, batches)
-    best = max(within, key=lambda c: (c.acc, -c.flops, -c.params))
-    return best, candidates
+        c.memory_mb = c.predicted_latency_ms = c.measured = c.acc = None
+    options = [Option(c.label, c, params=c.params, flops=c.flops) for c in candidates]
+    if budget.max_latency_ms is not None and predictor is None:
+        predictor = LatencyPredictor(profile, log=log)
 
+    def memory(o: Option) -> float:
+        est = estimate_memory(CifarResNet(deployed_arch(net, o.item.hidden)), profile.input_shape)
+        return est.peak_mb
 
-def _no_shape_message(candidates: list[Candidate], budget: Budget) -> str:
-    parts = []
-    limits = {
-        "params": budget.max_params,
-        "flops": budget.max_flops,
-        "latency_ms": budget.max_latency_ms,
-    }
-    for metric, limit in limits.items():
-        if limit is None:
-            continue
-        measured = [c for c in candidates if getattr(c, metric) is not None]
-        if not measured:
-            parts.append(f"{metric}: not measured (no shape is within the parameter/FLOP limits)")
-            continue
-        low = min(measured, key=lambda c: getattr(c, metric))
-        parts.append(
-            f"budget.max_{metric}={limit:,}: the smallest achievable is {_fmt_cost(metric, getattr(low, metric))} "
-            f"(shape {low.label} {json.dumps(low.hidden)})"
+    def predict(o: Option) -> float:
+        return predictor.predict(deployed_arch(net, o.item.hidden))
+
+    def score(within: list[Option]) -> None:
+        log(
+            f"  evaluating {len(within)} shapes within budget on "
+            f"{sum(len(y) for _, y in batches)} images"
         )
-    return (
-        f"no shape meets the budget ({budget.describe()}) among {len(candidates)} candidates; "
-        + "; ".join(parts)
-    )
+        for o in within:
+            emitted = module.emit_eval(o.item.hidden, k=k, seed=seed)
+            o.score = o.item.acc = accuracy_at(net, emitted, o.item.hidden, batches)
+
+    def measure_option(o: Option) -> Measurement:
+        model = materialize(module, o.item.hidden, k=k, seed=seed).cpu()
+        log(f"  measuring {o.label} end to end on {profile.name}")
+        return (measure or (lambda m: measure_model(m, profile)))(model)
+
+    try:
+        best = select(
+            options,
+            budget,
+            predict=predict,
+            memory=memory,
+            measure=measure_option,
+            score=score,
+            log=log,
+            what="shape",
+            describe=lambda o: f" {json.dumps(o.item.hidden)}",
+        )
+    finally:
+        for o in options:
+            c = o.item
+            c.fails, c.memory_mb, c.predicted_latency_ms = (
+                list(o.fails),
+                o.memory_mb,
+                o.predicted_ms,
+            )
+            c.measured = o.measured
+    return best.item, candidates
 
 
 def val_batches(dm, split: str, n: int, seed: int = 0, batch_size: int | None = None, device=None):

@@ -51,8 +51,8 @@ class FinalConfig:
     flops_ratios: list[float] = field(default_factory=list)  # or: best point under each ratio
     finetune: bool = True
     report_test: bool = True  # test accuracy of the final models (reporting only)
-    latency: bool = False  # CPU latency (batch 1, 1 thread) of the final models
-    latency_min_run_time: float = 0.2
+    latency: bool = False  # latency of the final models on the device profile ``device``
+    device: str = "cpu1_b1"  # a metamorph.devices profile (threads, batch, runtime, timing)
 
 
 @dataclass

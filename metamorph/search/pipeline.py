@@ -151,13 +151,25 @@ def pick_final(
     ``points`` points spread evenly along the front (compressed points only)."""
     front = [r for r in result.front if r.flops < result.base_flops] or list(result.front)
     if ratios:
+        from metamorph.devices import Budget, BudgetError, Option, select_within_budget
+
+        def by_acc(options: list[Option]) -> None:
+            for o in options:
+                o.score = o.item.acc
+
         out = []
-        for q in ratios:
-            ok = [r for r in front if r.flops <= q * ref_flops]
-            if ok:
-                best = max(ok, key=lambda r: (r.acc, -r.flops))
-                if best not in out:
-                    out.append(best)
+        for q in ratios:  # a FLOPs budget per ratio: the most accurate point (ties: fewer FLOPs)
+            if q * ref_flops < 1:
+                continue
+            options = [Option(str(i), r, flops=r.flops) for i, r in enumerate(front)]
+            try:
+                best = select_within_budget(
+                    options, Budget(max_flops=math.floor(q * ref_flops)), score=by_acc
+                ).item
+            except BudgetError:
+                continue
+            if best not in out:
+                out.append(best)
         return out
     if not front or points <= 0:
         return []
@@ -407,13 +419,12 @@ def uniform_gamma_baseline(
 
 
 def _latency(model: nn.Module, cfg: SearchConfig) -> float | None:
+    """Median latency (ms) on the device profile ``final.device`` (metamorph.devices)."""
     if not cfg.final.latency:
         return None
-    from metamorph.utils.profile import cpu_latency_ms
+    from metamorph.devices import measure_model
 
-    return round(
-        cpu_latency_ms(model, 1, threads=1, min_run_time=cfg.final.latency_min_run_time), 4
-    )
+    return round(measure_model(model, cfg.final.device).latency_ms, 4)
 
 
 def run_pipeline(
