@@ -25,13 +25,12 @@ import sys
 import time
 from dataclasses import asdict
 
-import hydra
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch.utils.flop_counter import FlopCounterMode
 
-from metamorph.config.locations import CONF_DIR
+from metamorph.cli.entry import entry_point
 from metamorph.config.schema import typed
 from metamorph.hypernet.inr import INRConfig
 from metamorph.hypernet.metanet import MetaResNet, MetaSpec
@@ -470,15 +469,11 @@ def run(cfg: DictConfig, log=print) -> dict:
     return summary
 
 
-@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="bench")
+@entry_point("metamorph-bench", "bench")
 def main(cfg: DictConfig) -> None:
     from metamorph.runtime.summary import print_summary
 
-    try:
-        s = run(cfg)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"metamorph-bench: error: {e}", file=sys.stderr, flush=True)
-        sys.exit(2)
+    s = run(cfg)  # the user's errors: one line, exit status 2 (metamorph.cli.entry)
     print_summary(s)
 
 

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import hydra
 from omegaconf import DictConfig
 
-from metamorph.config.locations import CONF_DIR
+from metamorph.cli.entry import entry_point
 from metamorph.io.model_file import save_model
 from metamorph.models import fold_batchnorm
 from metamorph.runtime.networks import load_any_model
@@ -33,7 +32,7 @@ def run(cfg: DictConfig) -> dict:
     }
 
 
-@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="convert")
+@entry_point("metamorph-convert", "convert", tee_log=True)
 def main(cfg: DictConfig) -> None:
     summary = run(cfg)
     print(

@@ -127,8 +127,17 @@ def help_text(prog: str, config_name: str, doc: str | None) -> str:
     if groups:
         parts.append("Config groups (group=option; group.key=value sets one of its keys):")
         for group, default, opts in groups:
-            shown = ", ".join(opts) if len(opts) <= 12 else ", ".join(opts[:12]) + ", ..."
-            parts.append(f"  {group} (default {default}): {shown}  [{len(opts)} options]")
+            if len(opts) <= 12:
+                shown = ", ".join(opts)
+            else:  # by folder: e.g. 38 experiments as finetune/ (2), neumeta/ (8), ...
+                folders: dict[str, int] = {}
+                for o in opts:
+                    top = o.split("/")[0] + ("/" if "/" in o else "")
+                    folders[top] = folders.get(top, 0) + 1
+                shown = ", ".join(f"{k} ({v})" for k, v in folders.items())
+                shown += f"; list them: ls metamorph/conf/{group}"
+            n = f"{len(opts)} option{'s' if len(opts) != 1 else ''}"
+            parts.append(f"  {group} (default {default}): {shown}  [{n}]")
         parts.append("")
     parts += [
         "Also: --version; --cfg job prints the composed config; --hydra-help shows Hydra's flags.",
@@ -215,7 +224,9 @@ def _fail(prog: str, message: str, run_dir: Path | None) -> None:
     sys.exit(2)
 
 
-def _guarded(prog: str, config_name: str, fn: Callable, tee_log: bool) -> Callable:
+def _guarded(
+    prog: str, config_name: str, fn: Callable, tee_log: bool, errors: tuple = USER_ERRORS
+) -> Callable:
     @functools.wraps(fn)
     def task(cfg: DictConfig):
         run_dir = _run_dir()
@@ -232,7 +243,7 @@ def _guarded(prog: str, config_name: str, fn: Callable, tee_log: bool) -> Callab
             sys.stdout = tee
         try:
             return fn(cfg)
-        except USER_ERRORS as e:
+        except errors as e:
             if os.environ.get("METAMORPH_DEBUG"):
                 raise
             if tee is not None:
@@ -247,20 +258,25 @@ def _guarded(prog: str, config_name: str, fn: Callable, tee_log: bool) -> Callab
 
 
 def entry_point(
-    prog: str, config_name: str, doc: str | None = None, tee_log: bool = False
+    prog: str,
+    config_name: str,
+    doc: str | None = None,
+    tee_log: bool = False,
+    extra_errors: tuple = (),
 ) -> Callable[[Callable], Callable]:
     """Decorate ``main(cfg)`` of an entry point (instead of ``hydra.main``); ``doc`` is the
-    one-paragraph description ``--help`` prints (default: the module docstring's first one)."""
+    one-paragraph description ``--help`` prints (default: the module docstring's first one);
+    ``extra_errors``: more exception types that are the user's to fix (e.g. a missing extra)."""
 
     def deco(fn: Callable) -> Callable:
         hydra_main = hydra.main(version_base="1.3", config_path=CONF_DIR, config_name=config_name)(
-            _guarded(prog, config_name, fn, tee_log)
+            _guarded(prog, config_name, fn, tee_log, USER_ERRORS + tuple(extra_errors))
         )
         about = doc
         if about is None:
             module_doc = sys.modules[fn.__module__].__doc__ or ""
             about = module_doc.strip().split("\n\n")[0].replace("\n", " ")
-            about = re.sub(r"^``[\w-]+``:\s*", "", about)
+            about = re.sub(r"^``[\w-]+``:\s*", "", about).replace("``", "")
 
         @functools.wraps(fn)
         def main():

@@ -14,15 +14,13 @@ accuracy vs FLOPs to the run folder; the last line of stdout is a one-line JSON 
 
 from __future__ import annotations
 
-import sys
 import time
 from pathlib import Path
 
-import hydra
 import torch
 from omegaconf import DictConfig
 
-from metamorph.config.locations import CONF_DIR
+from metamorph.cli.entry import entry_point
 from metamorph.config.schema import typed
 from metamorph.runtime.data import build_datamodule
 from metamorph.runtime.device import resolve_device
@@ -61,13 +59,9 @@ def run(cfg: DictConfig, log=print) -> dict:
     return summary
 
 
-@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="search")
+@entry_point("metamorph-search", "search", tee_log=True, extra_errors=(ImportError,))
 def main(cfg: DictConfig) -> None:
-    try:
-        summary = run(cfg)
-    except (ValueError, FileNotFoundError, ImportError) as e:
-        print(f"metamorph-search: error: {e}", file=sys.stderr)
-        sys.exit(2)
+    summary = run(cfg)  # the user's errors: one line, exit status 2 (metamorph.cli.entry)
     print(
         f"  front: {summary['files']['front']}\n  plot:  {summary['files']['plot']}\n"
         f"  time:  {summary['time_s']} s"

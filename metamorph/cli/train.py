@@ -3,11 +3,10 @@
 
 from __future__ import annotations
 
-import hydra
 import torch
 from omegaconf import DictConfig
 
-from metamorph.config.locations import CONF_DIR
+from metamorph.cli.entry import entry_point
 from metamorph.runtime.summary import report
 from metamorph.runtime.tasks import run_task
 
@@ -18,7 +17,7 @@ def run(cfg: DictConfig) -> dict:
     return run_task(cfg)
 
 
-@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
+@entry_point("metamorph-train", "train")
 def main(cfg: DictConfig) -> float | None:
     summary = run(cfg)
     report(summary)
