@@ -10,24 +10,20 @@ A method registers a function ``find(options, ctx) -> Found`` under its source n
 (:class:`Candidate`); the comparison measures every one of them the same way. It raises
 :class:`~metamorph.compare.points.MissingPoints` when its artefacts are absent.
 
-The built-in sources live in :data:`BUILTIN_MODULES`, imported on the first look-up (the plugin
-pattern: a method's issue adds its module there, or registers from its own package).
+The built-in sources are found like every registry's entries: their modules are listed in
+:data:`metamorph.runtime.plugins.BUILTIN_PLUGINS` and imported on the first look-up that misses;
+a new method registers its source in its own package and lists that module there.
 """
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 from torch import nn
 
-BUILTIN_MODULES = (
-    "metamorph.compare.sources.metamorphic",
-    "metamorph.compare.sources.slimmable",
-    "metamorph.compare.sources.model_files",
-)
+from metamorph.runtime.registry import Registry
 
 
 @dataclass
@@ -59,40 +55,29 @@ class SourceEntry:
     options: type | None
 
 
-_SOURCES: dict[str, SourceEntry] = {}
-_loaded = False
+POINT_SOURCES: Registry[SourceEntry] = Registry(
+    "point source",
+    hint="register one with @register_point_source(name) (metamorph.compare.registry)",
+)
 
 
 def register_point_source(name: str, *, options: type | None = None):
     """Register ``find(options, ctx) -> Found`` as the point source ``name``."""
 
     def deco(fn: Callable[..., Found]) -> Callable[..., Found]:
-        if name in _SOURCES and _SOURCES[name].find is not fn:
-            raise ValueError(f"point source {name!r} is already registered")
-        _SOURCES[name] = SourceEntry(name, fn, options)
+        old = POINT_SOURCES._entries.get(name)
+        if old is not None and old.find is fn:
+            return fn  # the same module imported twice
+        POINT_SOURCES.register(name, SourceEntry(name, fn, options))
         return fn
 
     return deco
 
 
-def _load_builtins() -> None:
-    global _loaded
-    if not _loaded:
-        _loaded = True
-        for mod in BUILTIN_MODULES:
-            importlib.import_module(mod)
-
-
 def list_point_sources() -> list[str]:
-    _load_builtins()
-    return sorted(_SOURCES)
+    return POINT_SOURCES.names()
 
 
 def point_source(name: str) -> SourceEntry:
-    _load_builtins()
-    try:
-        return _SOURCES[name]
-    except KeyError:
-        raise ValueError(
-            f"unknown point source {name!r}; registered sources: {', '.join(list_point_sources())}"
-        ) from None
+    """The source ``name``; an unknown name lists the registered ones."""
+    return POINT_SOURCES.get(name)

@@ -1,4 +1,5 @@
-"""The modules that register the built-in tasks, checkpoint kinds and search methods.
+"""The modules that register the built-in tasks, checkpoint kinds, search methods and comparison
+point sources.
 
 This is the plugin pattern: :class:`~metamorph.runtime.registry.Registry` imports these modules
 (by name, with :func:`importlib.import_module`) the first time a lookup misses, so the runtime
@@ -19,6 +20,9 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "metamorph.tasks.slimmable",  # task slimmable, checkpoint kind slimmable
     "metamorph.baselines.individual",  # task individual
     "metamorph.search.methods",  # search methods genecai, metamorph
+    "metamorph.compare.sources.metamorphic",  # comparison point source metamorphic
+    "metamorph.compare.sources.slimmable",  # comparison point source slimmable
+    "metamorph.compare.sources.model_files",  # point sources model_files, genecai, pruning
 )
 ENTRY_POINT_GROUP = "metamorph.plugins"
 
