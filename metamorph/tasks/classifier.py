@@ -26,7 +26,7 @@ from metamorph.runtime.networks import build_model
 from metamorph.runtime.summary import plain
 from metamorph.runtime.tasks import register_task
 from metamorph.runtime.trainer import build_trainer, callback_metric
-from metamorph.tasks.optim import build_optimizer, build_scheduler
+from metamorph.tasks.optim import lightning_optimizers
 from metamorph.utils.profile import count_params
 
 CHECKPOINT_KIND = "pretrain"
@@ -86,11 +86,7 @@ class ClassifierModule(L.LightningModule):
         checkpoint[KIND_KEY] = CHECKPOINT_KIND
 
     def configure_optimizers(self):
-        opt = build_optimizer(self.net.parameters(), self.optim_cfg)
-        total = self.trainer.estimated_stepping_batches
-        per_epoch = max(1, int(total // max(1, self.trainer.max_epochs or 1)))
-        sched = build_scheduler(opt, self.sched_cfg, total, per_epoch)
-        return opt if sched is None else {"optimizer": opt, "lr_scheduler": sched}
+        return lightning_optimizers(self, self.net.parameters(), self.optim_cfg, self.sched_cfg)
 
 
 @register_task("pretrain")

@@ -19,7 +19,7 @@ from metamorph.hypernet.metanet import MetaResNet, MetaSpec, Shape
 from metamorph.hypernet.sampling import SamplingConfig, ShapeSampler
 from metamorph.models.distill import kl_distillation
 from metamorph.models.resnet_cifar import CifarResNet, ResNetArch
-from metamorph.tasks.optim import build_optimizer, build_scheduler, param_group
+from metamorph.tasks.optim import lightning_optimizers, param_group
 
 KD_SOURCES = ("teacher", "full_width")
 
@@ -506,11 +506,7 @@ class MetamorphModule(L.LightningModule):
         checkpoint["kind"] = "metamorph"  # read by metamorph.runtime.checkpoints.checkpoint_kind
 
     def configure_optimizers(self):
-        opt = build_optimizer(self.param_groups(), self.cfg.optim)
-        total = self.trainer.estimated_stepping_batches
-        per_epoch = max(1, int(total // max(1, self.trainer.max_epochs or 1)))
-        sched = build_scheduler(opt, self.cfg.scheduler, total, per_epoch)
-        return opt if sched is None else {"optimizer": opt, "lr_scheduler": sched}
+        return lightning_optimizers(self, self.param_groups(), self.cfg.optim, self.cfg.scheduler)
 
 
 def _plain(obj):

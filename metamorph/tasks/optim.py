@@ -153,3 +153,13 @@ def build_scheduler(
             f"unknown scheduler {cfg.name!r}; choose none, cosine, warmup_cosine, onecycle or multistep"
         )
     return {"scheduler": sched, "interval": "step", "frequency": 1}
+
+
+def lightning_optimizers(module, params: Iterable, optim: OptimConfig, scheduler: SchedulerConfig):
+    """What a LightningModule's ``configure_optimizers`` returns: ``optim`` over ``params`` and
+    its per-step ``scheduler`` over the run's estimated stepping batches."""
+    opt = build_optimizer(params, optim)
+    total = module.trainer.estimated_stepping_batches
+    per_epoch = max(1, int(total // max(1, module.trainer.max_epochs or 1)))
+    sched = build_scheduler(opt, scheduler, total, per_epoch)
+    return opt if sched is None else {"optimizer": opt, "lr_scheduler": sched}
