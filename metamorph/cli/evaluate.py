@@ -15,12 +15,13 @@ from omegaconf import DictConfig
 from torch import nn
 
 from metamorph.cli.entry import entry_point
+from metamorph.devices.measure import cpu_latency_ms
 from metamorph.runtime.checkpoints import checkpoint_kind
 from metamorph.runtime.data import build_datamodule
 from metamorph.runtime.device import resolve_device
 from metamorph.runtime.networks import load_any_model
 from metamorph.runtime.summary import print_summary
-from metamorph.utils.profile import count_flops, count_params, cpu_latency_ms
+from metamorph.utils.profile import count_flops, count_params
 
 
 @torch.no_grad()
@@ -139,9 +140,7 @@ def check_src(src) -> Path:
     """``src`` must be one existing file; a folder is answered with the files in it to pick."""
     p = Path(str(src))
     if p.is_dir():
-        found = sorted(
-            str(f) for pat in ("*.ckpt", "*.json", "*.th") for f in p.glob(pat)
-        )[:8]
+        found = sorted(str(f) for pat in ("*.ckpt", "*.json", "*.th") for f in p.glob(pat))[:8]
         hint = f"; files there: {', '.join(found)}" if found else ""
         raise ValueError(
             f"src={src} is a directory; give one file: a model file (.json), an akamaster .th, "

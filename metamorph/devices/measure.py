@@ -340,6 +340,24 @@ def time_module(
     return TIMERS[p.runtime](module, xs, p, float(min_run_time or p.min_run_time))
 
 
+def cpu_latency_ms(
+    model: nn.Module, batch_size: int = 1, threads: int | None = None, min_run_time: float = 0.5
+) -> float:
+    """Median eager-PyTorch CPU latency (ms) of ``model`` at 32x32: :func:`time_module` on an
+    ad-hoc ``torch_cpu`` profile of ``threads`` (default: torch's current count) and
+    ``batch_size``; :func:`measure_model` on a named profile gives the IQR, memory and machine."""
+    threads = int(threads or torch.get_num_threads())
+    p = DeviceProfile(
+        name=f"torch_cpu{threads}_b{batch_size}",
+        threads=threads,
+        batch_size=int(batch_size),
+        warmup=1,
+        min_run_time=float(min_run_time),
+    )
+    in_ch = model.arch.in_channels if hasattr(model, "arch") else 3
+    return time_module(model, torch.randn(batch_size, in_ch, 32, 32), p).median_ms
+
+
 def _measured_memory(model: nn.Module, x: torch.Tensor, p: DeviceProfile) -> tuple[int | None, str]:
     if p.runtime != "cuda":
         return None, (
