@@ -175,6 +175,9 @@ class SlimmableResNet(ResNetWidths, nn.Module):
         self.calibrated: dict[str, BNStats] = {}
         # trained width ratios (min, max), for telling seen from unseen widths; set by the task
         self.trained_ratios: tuple[float, float] | None = None
+        # () -> normalized calibration batches, for widths without stored BN statistics (set by
+        # SlimmableModule.subnet_family when data is given)
+        self.calibration_source = None
         self._templates: OrderedDict[str, nn.Module] = OrderedDict()
 
     # ------------------------------------------------------------------ family
@@ -190,6 +193,8 @@ class SlimmableResNet(ResNetWidths, nn.Module):
 
     def is_seen(self, hidden) -> bool:
         """Every slimmable block inside the trained width ratios (all widths when unknown)."""
+        if [len(st) for st in hidden] != [len(st) for st in self.full_shape]:
+            return False  # the depth never varies in training
         if self.trained_ratios is None:
             return True
         lo, hi = self.trained_ratios
@@ -199,6 +204,28 @@ class SlimmableResNet(ResNetWidths, nn.Module):
             if not lo * full - 1e-6 <= hidden[s - 1][j] <= hi * full + 1e-6:
                 return False
         return True
+
+    def trained_gamma_range(self) -> tuple[float, float] | None:
+        if self.trained_ratios is None:
+            return None
+        lo, hi = self.trained_ratios
+        return (max(0.0, 1 - hi), min(1.0, 1 - lo))
+
+    def prepare(self, descs, recalibrate: bool = False) -> None:
+        """Recalibrate the BN statistics of every width of ``descs`` that has none stored (all of
+        them with ``recalibrate``) on the batches of :attr:`calibration_source`."""
+        todo = [as_lists(self.validate(d)) for d in descs]
+        todo = [h for h in todo if recalibrate or not self.is_calibrated(h)]
+        if not todo:
+            return
+        if self.calibration_source is None:
+            raise ValueError(
+                f"widths {[h for h in todo][:3]} have no recalibrated BN statistics and no "
+                "training data was given to compute them"
+            )
+        batches = self.calibration_source()
+        for h in todo:
+            self.calibrate(h, batches)
 
     def check_shape(self, hidden: Shape) -> None:
         self.validate(hidden)

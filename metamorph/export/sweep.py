@@ -1,8 +1,9 @@
-"""Accuracy and cost of a metamorphic checkpoint across compression ratios (``metamorph-eval``).
+"""Accuracy and cost of a sub-network family across compression ratios (``metamorph-eval``).
 
 For every shape of the sweep (uniform ratios, depths, optional seeded non-uniform shapes) the
-evaluation emission (EMA, K-sample averaged) is scored on a data split, and the shape's parameters,
-FLOPs and CPU latency are measured. Results go to ``sweep.csv``, ``sweep.md`` and four plots
+family's member is scored on a data split (a metamorphic checkpoint: its evaluation emission, EMA
+and K-sample averaged; a slimmable one: each width with its recalibrated BN statistics), and the
+shape's parameters, FLOPs and CPU latency are measured. Results go to ``sweep.csv``, ``sweep.md`` and four plots
 (accuracy, parameters, FLOPs, latency vs gamma; seen and unseen ratios marked, the trained range
 shaded, baseline curves overlaid).
 """
@@ -15,23 +16,22 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from metamorph.export.sample import (
     materialize,
     reference_stats_for,
-    shape_flops,
     shape_latency_ms,
 )
 from metamorph.hypernet.evaluate import (
+    EmittedFamily,
     SweepPoint,
-    accuracy_at,
     batch_accuracy,
-    count_shape_params,
     random_shapes,
     sweep_points,
 )
-from metamorph.hypernet.metanet import MetaResNet
+from metamorph.models.subnet import SingleNetwork, SubnetFamily, as_lists
 
 CSV_FIELDS = [
     "label",
@@ -147,6 +147,19 @@ def read_baselines(specs) -> list[Baseline]:
 # ----------------------------------------------------------------------------------------------
 
 
+def as_family(source, k: int | None = None, seed: int = 0, data=None) -> SubnetFamily:
+    """The sub-network family of a loaded source: a checkpoint object that names its own
+    (``subnet_family(k=, seed=, data=)``: metamorphic, slimmable), a family, or a plain
+    network (a family of one)."""
+    if hasattr(source, "subnet_family"):
+        return source.subnet_family(k=k, seed=seed, data=data)
+    if isinstance(source, SubnetFamily):
+        return source
+    if isinstance(source, torch.nn.Module):
+        return SingleNetwork(source)
+    raise TypeError(f"{type(source).__name__} is not a sub-network family or a network")
+
+
 def run_sweep(
     module,
     batches: list[tuple[torch.Tensor, torch.Tensor]],
@@ -162,28 +175,42 @@ def run_sweep(
     latency_min_run_time: float = 0.2,
     log=None,
     calibrate_images: torch.Tensor | None = None,
+    recalibrate: bool = False,
+    data=None,
 ) -> list[Row]:
-    """Accuracy (and cost) of every sweep shape on ``batches``. With ``calibrate_images``
-    (normalized training images), each shape's network is materialized and its conv channel
-    statistics calibrated to the prepared network's before it is evaluated."""
-    net: MetaResNet = module.net
+    """Accuracy (and cost) of every sweep shape of ``module``'s family (:func:`as_family`: a
+    metamorphic or slimmable checkpoint, or a width family) on ``batches``. With
+    ``calibrate_images`` (normalized training images; metamorphic checkpoints), each shape's
+    network is materialized and its conv channel statistics calibrated to the prepared
+    network's before it is evaluated. ``recalibrate`` redoes per-member statistics a family
+    stores (a slimmable network's BN statistics, computed on ``data``'s training images)."""
+    family = as_family(module, k=k, seed=seed, data=data)
     for g in gammas:
         if not (isinstance(g, (int, float)) and 0.0 <= float(g) < 1.0):
             raise ValueError(
                 f"sweep.gammas contains {g}; every compression ratio must be in [0, 1)"
             )
-    custom = (
-        random_shapes(net, int(n_random), seed=seed, depth=bool(net.spec.depth_choices))
-        if n_random
-        else []
-    )
+    if n_random and isinstance(family, EmittedFamily):
+        custom = random_shapes(
+            family.net, int(n_random), seed=seed, depth=bool(family.spec.depth_choices)
+        )
+    elif n_random:
+        rng = np.random.default_rng(10_000 + seed)
+        custom = [as_lists(family.sample(rng)) for _ in range(int(n_random))]
+    else:
+        custom = []
     for f in widths_above:
         if not (isinstance(f, (int, float)) and float(f) > 1.0):
             raise ValueError(
                 f"sweep.widths_above contains {f}; each must be a width factor above 1 (e.g. 1.25)"
             )
+    if calibrate_images is not None and not isinstance(family, EmittedFamily):
+        raise ValueError(
+            "sweep.calibrate calibrates an emitted network's channel statistics: it needs a "
+            f"metamorphic checkpoint, not a {family.family_name} one"
+        )
     pts = sweep_points(
-        net,
+        family,
         [float(g) for g in gammas],
         [int(d) for d in depths],
         [float(f) for f in widths_above],
@@ -192,7 +219,8 @@ def run_sweep(
     if not pts:
         raise ValueError("the sweep is empty: give sweep.gammas and/or sweep.depths")
     for p in pts:
-        net.check_shape(p.hidden)
+        family.validate(p.hidden)
+    family.prepare([p.hidden for p in pts], recalibrate=recalibrate)
     rows = []
     ref_stats = (
         None
@@ -201,16 +229,16 @@ def run_sweep(
     )
     for p in pts:
         if calibrate_images is None:
-            emitted = module.emit_eval(p.hidden, k=k, seed=seed)
-            p.acc = accuracy_at(net, emitted, p.hidden, batches)
+            p.acc = batch_accuracy(family.forward_fn(p.hidden), batches)
         else:
             model = materialize(module, p.hidden, k, seed, calibrate_images, ref_stats)
             p.acc = batch_accuracy(model.to(batches[0][0].device), batches) if batches else 0.0
-        p.params = count_shape_params(net, p.hidden)
-        row = Row(p, flops=shape_flops(net, p.hidden))
+        cost = family.costs(p.hidden)
+        p.params = cost["params"]
+        row = Row(p, flops=cost["flops"])
         if latency:
             row.latency_ms = shape_latency_ms(
-                net, p.hidden, latency_batch_size, latency_threads, latency_min_run_time
+                family, p.hidden, latency_batch_size, latency_threads, latency_min_run_time
             )
         if log:
             lat = "" if row.latency_ms is None else f", {row.latency_ms:.3f} ms"
@@ -335,6 +363,6 @@ def write_outputs(
     return files
 
 
-def trained_gamma_range(net: MetaResNet) -> tuple[float, float]:
-    s = net.spec
-    return (max(0.0, 1 - s.max_width_ratio), min(1.0, 1 - s.min_width_ratio))
+def trained_gamma_range(family) -> tuple[float, float] | None:
+    """The compression ratios a family saw in training (``None`` when it has no such range)."""
+    return family.trained_gamma_range()

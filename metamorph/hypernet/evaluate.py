@@ -1,4 +1,6 @@
-"""Accuracy of a metamorphic network at many shapes (uniform ratios, depths, custom shapes)."""
+"""Accuracy of a sub-network family at many shapes (uniform ratios, depths, custom shapes):
+the sweep points of a metamorphic or slimmable network, and :class:`EmittedFamily`, the family
+view of a trained metamorphic checkpoint (its evaluation emission)."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ import torch
 
 from metamorph.hypernet.metanet import MetaResNet, Shape
 from metamorph.models.metrics import top1
+from metamorph.models.subnet import SubnetFamily, as_lists
 
 
 @dataclass
@@ -44,34 +47,92 @@ def is_seen(net: MetaResNet, hidden: Shape) -> bool:
     return net.is_seen(hidden)
 
 
+class EmittedFamily(SubnetFamily):
+    """A metamorphic network as a family whose members carry a given emission ``emit(hidden)``
+    (a checkpoint's evaluation emission: EMA weights, K-sample averaged, kept-BN statistics);
+    the shape verbs are the network's own (every other attribute is the network's too)."""
+
+    def __init__(self, net: MetaResNet, emit) -> None:
+        self.net = net
+        self.emit = emit
+        self.family_name = net.family_name
+
+    def __getattr__(self, name):
+        if name in ("net", "emit"):  # not set yet (unpickling): no recursion
+            raise AttributeError(name)
+        return getattr(self.net, name)
+
+    def validate(self, desc):
+        return self.net.validate(desc)
+
+    def arch_for(self, desc):
+        return self.net.arch_for(desc)
+
+    def describe(self, desc) -> dict:
+        return self.net.describe(desc)
+
+    def cost_module(self, desc):
+        return self.net.cost_module(desc)
+
+    def full(self):
+        return self.net.full()
+
+    def for_ratio(self, gamma: float):
+        return self.net.for_ratio(gamma)
+
+    def sample(self, rng):
+        return self.net.sample(rng)
+
+    def is_seen(self, desc) -> bool:
+        return self.net.is_seen(desc)
+
+    def gamma_of(self, desc) -> float:
+        return self.net.gamma_of(desc)
+
+    def trained_gamma_range(self):
+        return self.net.trained_gamma_range()
+
+    @torch.no_grad()
+    def materialize(self, desc):
+        hidden = as_lists(self.validate(desc))
+        return self.net.materialize(hidden, emitted=self.emit(hidden))
+
+    def forward_fn(self, desc):
+        hidden = as_lists(self.validate(desc))
+        emitted = self.emit(hidden)
+        return lambda x: self.net(x, hidden, emitted)
+
+    def forward_at(self, x, desc):
+        return self.forward_fn(desc)(x)
+
+
 def sweep_points(
-    net: MetaResNet,
+    net,
     gammas: Iterable[float] = (),
     depths: Iterable[int] = (),
     widths_above: Iterable[float] = (),
     custom: Iterable[Shape] = (),
 ) -> list[SweepPoint]:
     """Uniform-gamma shapes, uniform depths (full width), widths above the pretrained one
-    (factors > 1) and custom (e.g. non-uniform) shapes."""
+    (factors > 1) and custom (e.g. non-uniform) shapes of a width family (a metamorphic or a
+    slimmable network: ``shape_for_gamma``, ``width_ranges``, ``is_seen``, ``gamma_of``)."""
     pts = []
     for g in gammas:
         h = net.shape_for_gamma(float(g))
-        pts.append(SweepPoint(gamma_label(g), h, float(g), is_seen(net, h)))
+        pts.append(SweepPoint(gamma_label(g), h, float(g), net.is_seen(h)))
     for d in depths:
         h = net.shape_for_gamma(0.0, depth=int(d))
-        pts.append(SweepPoint(f"depth{d}", h, 0.0, is_seen(net, h)))
+        pts.append(SweepPoint(f"depth{d}", h, 0.0, net.is_seen(h)))
+    varying = net.width_ranges()
     for f in widths_above:
         h = []
         for s, stage in enumerate(net.base_arch.hidden):
             h.append(
-                [
-                    round(w * f) if f"layer{s + 1}.{b}" in net.meta_blocks else w
-                    for b, w in enumerate(stage)
-                ]
+                [round(w * f) if f"layer{s + 1}.{b}" in varying else w for b, w in enumerate(stage)]
             )
-        pts.append(SweepPoint(f"x{f:g}", h, net.gamma_of(h), is_seen(net, h)))
+        pts.append(SweepPoint(f"x{f:g}", h, net.gamma_of(h), net.is_seen(h)))
     for i, h in enumerate(custom):
-        pts.append(SweepPoint(f"shape{i}", h, net.gamma_of(h), is_seen(net, h)))
+        pts.append(SweepPoint(f"shape{i}", h, net.gamma_of(h), net.is_seen(h)))
     for p in pts:
         p.depth = 2 + 2 * sum(len(s) for s in p.hidden)
     return pts

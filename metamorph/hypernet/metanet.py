@@ -266,6 +266,10 @@ class MetaResNet(ResNetWidths, nn.Module):
                         return False
         return True
 
+    def trained_gamma_range(self) -> tuple[float, float]:
+        s = self.spec
+        return (max(0.0, 1 - s.max_width_ratio), min(1.0, 1 - s.min_width_ratio))
+
     def check_shape(self, hidden: Shape) -> None:
         self.validate(hidden)
 

@@ -91,6 +91,19 @@ class SubnetFamily:
         net = self.materialize(desc)
         return net.to(x.device)(x)
 
+    def forward_fn(self, desc):
+        """``x -> logits`` of the member ``desc``, prepared once for many batches (weights
+        emitted, sliced or built once): what sweeps and searches call per batch."""
+        return self.materialize(desc).eval()
+
+    def prepare(self, descs, recalibrate: bool = False) -> None:
+        """Compute what members need before they are evaluated (a slimmable network's BN
+        statistics per width); nothing by default. ``recalibrate`` redoes stored ones."""
+
+    def trained_gamma_range(self) -> tuple[float, float] | None:
+        """The compression ratios seen in training (``None``: not a trained range)."""
+        return None
+
     def cost_module(self, desc) -> nn.Module:
         """A parameter-less (meta-device) module with the member's structure, for counting."""
         with torch.device("meta"):

@@ -501,7 +501,7 @@ class MetamorphSpace(Space):
         )
         self.genes, self.units = [], []
         self.width_gene: dict[str, int] = {}
-        self.full: dict[str, int] = {}
+        self.full_widths: dict[str, int] = {}
         for name in self.meta_blocks:
             full = net.full_width(name)
             lo, hi = width_range(net, name)
@@ -513,7 +513,7 @@ class MetamorphSpace(Space):
             k_lo, k_hi = max(0, full - hi), full - lo
             if k_hi < k_lo:
                 raise ValueError(f"empty width range for {name}: {lo}..{hi} (full {full})")
-            self.full[name] = full
+            self.full_widths[name] = full
             self.width_gene[name] = len(self.genes)
             grid = _rate_grid(k_lo, k_hi, full) if k_hi >= 0 else np.array([0.0])
             self.genes.append(Gene(name, "rate", grid, float(grid[0])))
@@ -567,8 +567,10 @@ class MetamorphSpace(Space):
             for b in range(depths[s]):
                 name = f"layer{s + 1}.{b}"
                 if name in self.width_gene:
-                    k = int(math.floor(float(g[self.width_gene[name]]) * self.full[name] + 1e-6))
-                    row.append(self.full[name] - k)
+                    k = int(
+                        math.floor(float(g[self.width_gene[name]]) * self.full_widths[name] + 1e-6)
+                    )
+                    row.append(self.full_widths[name] - k)
                 else:
                     row.append(stage[b])
             hidden.append(row)
@@ -578,7 +580,7 @@ class MetamorphSpace(Space):
         """The searched widths of each metamorphic block."""
         out = {}
         for name, i in self.width_gene.items():
-            grid, full = self.genes[i].grid, self.full[name]
+            grid, full = self.genes[i].grid, self.full_widths[name]
             out[name] = (full - round(grid[-1] * full), full - round(grid[0] * full))
         return out
 
@@ -601,7 +603,9 @@ class MetamorphSpace(Space):
                 if name in self.width_gene:
                     i = self.width_gene[name]
                     grid = self.genes[i].grid
-                    hit = np.flatnonzero(np.isclose(grid, (self.full[name] - w) / self.full[name]))
+                    hit = np.flatnonzero(
+                        np.isclose(grid, (self.full_widths[name] - w) / self.full_widths[name])
+                    )
                     g[i] = grid[hit[0]]
         return g
 

@@ -287,6 +287,13 @@ class MetamorphModule(L.LightningModule):
                 yield
 
     @torch.no_grad()
+    def subnet_family(self, k: int | None = None, seed: int = 0, data=None):
+        """This checkpoint as a sub-network family whose members carry the evaluation emission
+        (:meth:`emit_eval`, K samples, seed): what sweeps and searches evaluate."""
+        from metamorph.hypernet.evaluate import EmittedFamily
+
+        return EmittedFamily(self.net, lambda hidden: self.emit_eval(hidden, k=k, seed=seed))
+
     def emit_eval(
         self, hidden: Shape, k: int | None = None, seed: int = 0
     ) -> dict[str, torch.Tensor]:

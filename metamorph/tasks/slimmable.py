@@ -200,6 +200,16 @@ class SlimmableModule(L.LightningModule):
     def test_step(self, batch, batch_idx):
         self._eval_step(batch, self.test_accs, "test")
 
+    def subnet_family(self, k: int | None = None, seed: int = 0, data=None) -> SlimmableResNet:
+        """The slimmable network as a sub-network family; with ``data`` (a data module), widths
+        without stored BN statistics are recalibrated on ``calib_batches`` of its training
+        batches (crop+flip augmented when ``calib_augment``) before they are evaluated."""
+        if data is not None:
+            self.net.calibration_source = lambda: self.calibration_batches(
+                self.cfg.calib_batches, dm=data, seed=seed
+            )
+        return self.net
+
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint[KIND_KEY] = "slimmable"
