@@ -553,16 +553,76 @@ def run_curve(
     )
 
 
-def main(argv: list[str] | None = None) -> list[dict]:
-    """``python -m metamorph.baselines.pruning``: accuracy vs gamma without fine-tuning -> CSV."""
+def curve_to_csv(
+    model: str,
+    data_root: str,
+    out: str,
+    *,
+    dataset: str = "cifar10",
+    test_subset: int | None = None,
+    blocks: Sequence[str] | str = ("layer3.2",),
+    criteria: Sequence[str] = CRITERIA,
+    gammas: str = "0:0.95:0.05",
+    calib_batches: int = 10,
+    calib_batch_size: int = 128,
+    eval_batch_size: int = 1000,
+    steps: int = 5,
+    seed: int = 0,
+    threads: int = 1,
+    merge: bool = False,
+    log: Callable[[str], None] = print,
+) -> dict:
+    """Accuracy vs gamma without fine-tuning of ``model``'s ``blocks`` for every criterion, on
+    the test split, written to the CSV ``out`` (rows of other criteria / gammas kept with
+    ``merge``); returns the summary (``metamorph-prune-curve``)."""
+    from metamorph.runtime.networks import load_any_model
+
+    bad = [c for c in criteria if c not in CRITERIA]
+    if bad:
+        raise ValueError(f"unknown pruning criteria {bad}; choose from {list(CRITERIA)}")
+    torch.set_num_threads(max(1, int(threads)))
+    t0 = time.time()
+    net = load_any_model(model)
+    dm = load_eval_data(data_root, dataset, test_subset, seed)
+    blocks = "all" if blocks in ("all", ["all"]) else list(blocks)
+
+    def log_row(row):
+        log(
+            f"{row['criterion']:>8} gamma={row['gamma']:.2f} widths={row['widths']} "
+            f"acc={row['acc']:.2f}% params={row['params']:,} ({row['seconds']:.1f}s)"
+        )
+
+    rows = run_curve(
+        net,
+        dm,
+        blocks,
+        parse_gammas(str(gammas)),
+        list(criteria),
+        calib_batches=calib_batches,
+        calib_batch_size=calib_batch_size,
+        eval_batch_size=eval_batch_size,
+        seed=seed,
+        steps=steps,
+        log=log_row,
+    )
+    for r in rows:
+        r["model"] = str(model)
+    write_curve_csv(rows, out, merge=merge)
+    return {"csv": str(out), "rows": len(rows), "time_s": round(time.time() - t0, 1)}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """``python -m metamorph.baselines.pruning --model ... --data-root ... --out ...``: the older
+    spelling of ``metamorph-prune-curve src=... data_root=... out=...``, kept because the
+    results docs quote it."""
     import argparse
     import json
     import os
 
     ap = argparse.ArgumentParser(
         prog="python -m metamorph.baselines.pruning",
-        description="Prune a model's blocks' hidden channels (no fine-tuning) at every gamma and "
-        "criterion; test accuracy to a CSV (rows merged into an existing file with --merge).",
+        description="Alias of metamorph-prune-curve: prune a model's blocks' hidden channels (no "
+        "fine-tuning) at every gamma and criterion; test accuracy to a CSV.",
     )
     ap.add_argument("--model", required=True, help="model file (.json) of a CifarResNet")
     ap.add_argument("--data-root", required=True)
@@ -579,40 +639,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "1")))
     ap.add_argument("--out", required=True, help="CSV path")
     ap.add_argument("--merge", action="store_true", help="keep rows of other criteria/gammas")
-    a = ap.parse_args(argv)
-    torch.set_num_threads(max(1, a.threads))
-    from metamorph.runtime.networks import load_any_model
-
-    t0 = time.time()
-    model = load_any_model(a.model)
-    dm = load_eval_data(a.data_root, a.dataset, a.test_subset, a.seed)
-    blocks = a.blocks if a.blocks != ["all"] else "all"
-
-    def log(row):
-        print(
-            f"{row['criterion']:>8} gamma={row['gamma']:.2f} widths={row['widths']} "
-            f"acc={row['acc']:.2f}% params={row['params']:,} ({row['seconds']:.1f}s)",
-            flush=True,
-        )
-
-    rows = run_curve(
-        model,
-        dm,
-        blocks,
-        parse_gammas(a.gammas),
-        a.criteria,
-        calib_batches=a.calib_batches,
-        calib_batch_size=a.calib_batch_size,
-        eval_batch_size=a.eval_batch_size,
-        seed=a.seed,
-        steps=a.steps,
-        log=log,
+    a = vars(ap.parse_args(argv))
+    summary = curve_to_csv(
+        a.pop("model"), a.pop("data_root"), a.pop("out"), log=lambda m: print(m, flush=True), **a
     )
-    for r in rows:
-        r["model"] = str(a.model)
-    write_curve_csv(rows, a.out, merge=a.merge)
-    print(json.dumps({"csv": str(a.out), "rows": len(rows), "time_s": round(time.time() - t0, 1)}))
-    return rows
+    print(json.dumps(summary))
+    return summary
 
 
 if __name__ == "__main__":
