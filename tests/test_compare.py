@@ -25,7 +25,7 @@ from metamorph.compare import (
     run_comparison,
     write_points,
 )
-from metamorph.compare.device import machine_fingerprint
+from metamorph.compare.device import machine_fingerprint, profile
 from metamorph.models import create_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -129,7 +129,7 @@ def test_two_methods_write_table_and_both_charts(two_methods):
         assert int(r["params"]) > 0 and int(r["flops"]) > 0
         assert float(r["latency_ms"]) > 0 and float(r["latency_iqr_ms"]) >= 0
         assert r["profile"] == "cpu1_b1" and r["split"] == "test" and r["images"] == "20"
-        assert r["machine"] == machine_fingerprint()
+        assert r["machine"] == machine_fingerprint(profile("cpu1_b1"))
     # narrower networks: fewer parameters and FLOPs
     a = [r for r in rows if r["method"] == "a"]
     assert int(a[0]["flops"]) > int(a[1]["flops"]) > int(a[2]["flops"])
@@ -249,6 +249,11 @@ def test_config_errors_are_clear(tmp_path):
         run_comparison(comparison_cfg(tmp_path, {"x": cfg}), log=print)
     with pytest.raises(ValueError, match="unknown device profile 'cpu9'.*cpu1_b1"):
         run_comparison(comparison_cfg(tmp_path, TWO_FAKES, profile="cpu9"), log=print)
+    import torch
+
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="cuda_b64.*needs a GPU"):
+            run_comparison(comparison_cfg(tmp_path, TWO_FAKES, profile="cuda_b64"), log=print)
     with pytest.raises(ComparisonError, match="comparison=<name>"):
         run_comparison(OmegaConf.create({"out_dir": str(tmp_path)}), log=print)
 

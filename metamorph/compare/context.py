@@ -29,7 +29,7 @@ class Context:
         profile: devices.Profile,
         device: torch.device,
         seed: int = 0,
-        min_run_time: float = 0.5,
+        min_run_time: float | None = None,
         log=print,
     ) -> None:
         self.dm = dm
@@ -40,7 +40,7 @@ class Context:
         self.seed = seed
         self.min_run_time = min_run_time
         self.log = log
-        self.machine = devices.machine_fingerprint()
+        self.machine = devices.machine_fingerprint(profile)
         self._batches: dict[tuple, list] = {}
         self._setting: Setting | None = None
 

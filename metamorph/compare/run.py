@@ -24,7 +24,7 @@ from metamorph.config.schema import DataConfig, typed
 OUTPUTS = ("comparison.csv", "comparison.md", "acc_vs_flops.png", "acc_vs_latency.png")
 
 
-def build_context(data_cfg, comp: ComparisonConfig, device, seed: int, min_run_time: float, log):
+def build_context(data_cfg, comp: ComparisonConfig, device, seed: int, min_run_time, log):
     from metamorph.runtime.data import build_datamodule
 
     d: DataConfig = typed(DataConfig, data_cfg, "data")
@@ -137,7 +137,7 @@ def run_comparison(cfg: DictConfig, log=print) -> dict:
         comp,
         resolve_device(str(cfg.get("device", "auto"))),
         int(cfg.get("seed", 0)),
-        float(cfg.get("latency_min_run_time", 0.5)),
+        None if cfg.get("latency_min_run_time") is None else float(cfg.latency_min_run_time),
         log,
     )
     s = ctx.setting
