@@ -260,6 +260,10 @@ def test_tables_round_trip_through_the_cache_and_rebuild_for_another_machine(tmp
     prof2 = fast("cpu1_b1")
     prof2.threads = 2
     assert LatencyPredictor(prof2, cache_dir=tmp_path, timer=t3, machine=MACHINE_A).entries == {}
+    # rebuild=True measures everything again
+    t5 = FakeTimer()
+    p5 = LatencyPredictor(prof, cache_dir=tmp_path, timer=t5, machine=MACHINE_A, rebuild=True)
+    assert p5.entries == {} and p5.predict(arch) == v1 and t5.calls == 6
     # a file whose stored fingerprint does not match (copied, edited) is rebuilt
     doc = json.loads(p1.path.read_text())
     doc["fingerprint"] = "0" * 16

@@ -158,7 +158,7 @@ def run_lut(cfg: DictConfig, log=print) -> dict:
     log(
         f"[metamorph-profile] predictor for {profile.name}: validating on {cfg.n} {cfg.arch} shapes"
     )
-    pred = LatencyPredictor(profile, cache_dir=cfg.cache_dir, log=log)
+    pred = LatencyPredictor(profile, cache_dir=cfg.cache_dir, log=log, rebuild=bool(cfg.rebuild))
     r = validate(
         profile, str(cfg.arch), int(cfg.n), int(cfg.seed), bool(cfg.bn), log=log, predictor=pred
     )

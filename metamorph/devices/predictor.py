@@ -175,7 +175,8 @@ class LatencyPredictor:
     """Per-profile look-up table; ``predict(model_or_arch)`` = sum of block entries + overhead.
 
     ``timer`` (tests: a fake) measures one piece; ``machine`` (tests: a fake) replaces
-    :func:`~metamorph.devices.machine.machine_info` in the fingerprint."""
+    :func:`~metamorph.devices.machine.machine_info` in the fingerprint; ``rebuild`` ignores the
+    cached table (its entries are measured again and the file rewritten)."""
 
     def __init__(
         self,
@@ -184,6 +185,7 @@ class LatencyPredictor:
         timer: Timer | None = None,
         machine: dict | None = None,
         log: Callable[[str], None] | None = None,
+        rebuild: bool = False,
     ) -> None:
         self.profile = get_profile(profile)
         self.timer = timer or _default_timer
@@ -200,7 +202,10 @@ class LatencyPredictor:
         self.entries: dict[str, float] = {}
         self.measured = 0  # pieces measured by this instance (0 when the cache had them all)
         self.rebuilt = False
-        self._load()
+        if rebuild:  # measure every entry again (e.g. the cached table was taken on a busy machine)
+            self.rebuilt = True
+        else:
+            self._load()
 
     @property
     def path(self) -> Path:

@@ -403,8 +403,16 @@ def select_for_budget(
         c.flops = shape_flops(net, c.hidden)
         c.memory_mb = c.predicted_latency_ms = c.measured = c.acc = None
     options = [Option(c.label, c, params=c.params, flops=c.flops) for c in candidates]
-    if budget.max_latency_ms is not None and predictor is None:
-        predictor = LatencyPredictor(profile, log=log)
+    if budget.max_latency_ms is not None:
+        predictor = predictor or LatencyPredictor(profile, log=log)
+        if hasattr(predictor, "ensure"):  # measure the table's missing entries in one go
+            cheap = [
+                deployed_arch(net, c.hidden)
+                for c in candidates
+                if (budget.max_params is None or c.params <= budget.max_params)
+                and (budget.max_flops is None or c.flops <= budget.max_flops)
+            ]
+            predictor.ensure(cheap)
 
     def memory(o: Option) -> float:
         est = estimate_memory(CifarResNet(deployed_arch(net, o.item.hidden)), profile.input_shape)
