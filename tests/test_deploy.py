@@ -325,3 +325,117 @@ def test_help_shows_options_with_comments_and_an_example(monkeypatch, capsys):
     assert "experiment" not in out and "finetune" not in out  # no training groups
     code, out, _ = run_main(monkeypatch, capsys, sample.main, "--version")
     assert code == 0 and out.startswith(f"metamorph {metamorph.__version__}")
+
+
+# ----------------------------------------------------------------------------------------------
+# 7. plots that answer the deployment question
+# ----------------------------------------------------------------------------------------------
+
+
+def test_accuracy_vs_cost_plots_and_titles(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from metamorph.export.plots import count, plot_accuracy_vs_cost, sweep_title
+    from metamorph.export.sweep import Baseline
+
+    rows = [
+        dict(
+            label="g0",
+            gamma=0.0,
+            seen=True,
+            acc=80.0,
+            flops=4e7,
+            latency_ms=1.0,
+            latency_q1_ms=0.9,
+            latency_q3_ms=1.2,
+        ),
+        dict(
+            label="g0.75",
+            gamma=0.75,
+            seen=False,
+            acc=40.0,
+            flops=1e7,
+            latency_ms=0.4,
+            latency_q1_ms=0.35,
+            latency_q3_ms=0.5,
+        ),
+    ]
+    base = Baseline("pruned", Path("p.csv"), [dict(gamma=0.5, acc=30.0, flops=2e7)])
+    title = sweep_title("outputs/quickstart/metamorph/metamorph.ckpt", "cifar10", "test", 10000, 1)
+    assert title == "metamorph/metamorph.ckpt: cifar10/test (10,000 images), K=1"
+    seen_axes = []
+    real_savefig = plt.Figure.savefig
+
+    def spy(fig, *a, **kw):
+        seen_axes.append(fig.axes[0])
+        return real_savefig(fig, *a, **kw)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(plt.Figure, "savefig", spy)
+        for cost in ("flops", "latency_ms"):
+            out = plot_accuracy_vs_cost(rows, cost, tmp_path / f"{cost}.png", [base], title)
+            assert out.read_bytes()[:4] == b"\x89PNG"
+    flops_ax, lat_ax = seen_axes
+    assert flops_ax.get_xlim()[0] == 0 and lat_ax.get_xlim()[0] == 0  # cost axes from zero
+    assert flops_ax.get_title() == title
+    labels = [t.get_text() for t in flops_ax.get_legend().get_texts()]
+    assert "seen in training" in labels and "unseen" in labels and "pruned" in labels
+    assert "pruned" not in [t.get_text() for t in lat_ax.get_legend().get_texts()]  # no latency
+    assert lat_ax.containers and lat_ax.containers[0].has_xerr  # IQR bars
+    assert plot_accuracy_vs_cost([dict(label="g0", acc=1.0)], "latency_ms", tmp_path / "n") is None
+    assert count(1, "thread") == "1 thread" and count(2, "thread") == "2 threads"
+
+
+def test_sampled_network_accuracy_is_reported_when_data_is_loaded(ckpt, dm, tmp_path):
+    from metamorph.hypernet.evaluate import batch_accuracy
+
+    out = tmp_path / "cal"
+    logs: list[str] = []
+    s = sample.run(
+        sample_cfg(tmp_path, f"ckpt={ckpt}", "gamma=0.5", "calibrate=8", f"out={out}"),
+        log=logs.append,
+    )
+    model = metamorph.load(s["model"])
+    x, y = dm.split_tensors("test")
+    want = batch_accuracy(model, dm.normalized_batches((x, y)))
+    assert s["accuracy"] == {
+        "acc": round(want, 3),
+        "split": "test",
+        "data": "cifar10",
+        "images": 20,
+    }
+    plain = sample.run(sample_cfg(tmp_path, f"ckpt={ckpt}", "gamma=0.5", f"out={out}_p"))
+    assert "accuracy" not in plain  # no data asked for, none loaded
+    given = sample.run(
+        sample_cfg(tmp_path, f"ckpt={ckpt}", "gamma=0.5", f"out={out}_g"), data_given=True
+    )
+    assert given["accuracy"]["split"] == "test"
+
+
+def test_budget_search_shows_progress(ckpt, tmp_path):
+    logs: list[str] = []
+    sample.run(
+        sample_cfg(
+            tmp_path,
+            f"ckpt={ckpt}",
+            "budget.max_params=80000",
+            "search.gamma_step=0.25",
+            "search.random_shapes=0",
+            "val_subset=8",
+            f"out={tmp_path / 'b'}",
+        ),
+        log=logs.append,
+    )
+    steps = [line for line in logs if line.strip().startswith("[") and "/" in line.split()[0]]
+    assert steps and steps[0].strip().startswith("[1/") and "s left" in steps[-1]
+
+
+def test_one_rounding_rule_and_width_above_full():
+    from metamorph.export.plots import gamma_label, ratio_text
+
+    assert ratio_text(-1.0) == "width x2.0" and ratio_text(-0.25) == "width x1.25"
+    assert ratio_text(1 - 34 / 64) == "gamma 0.469" and gamma_label(1 - 34 / 64) == "g0.469"
+    assert gamma_label(0.0) == "g0" and gamma_label(0.5) == "g0.5"

@@ -597,7 +597,9 @@ def test_metamorphic_eval_sweep_writes_csv_markdown_and_plots(ckpt, tmp_path):
     assert s["baselines"] == ["slim"]
     names = files_in(out)
     assert names == [
+        "acc_vs_flops.png",
         "acc_vs_gamma.png",
+        "acc_vs_latency.png",
         "flops_vs_gamma.png",
         "latency_vs_gamma.png",
         "params_vs_gamma.png",
@@ -615,6 +617,8 @@ def test_metamorphic_eval_sweep_writes_csv_markdown_and_plots(ckpt, tmp_path):
     flops = [int(r["flops"]) for r in rows[:3]]
     assert params == sorted(params, reverse=True) and flops == sorted(flops, reverse=True)
     assert all(float(r["latency_ms"]) > 0 for r in rows)
+    for r in rows:  # the latency's interquartile range, plotted as bars
+        assert float(r["latency_q1_ms"]) <= float(r["latency_ms"]) <= float(r["latency_q3_ms"])
     assert all(0 <= float(r["acc"]) <= 100 for r in rows)
     md = (out / "sweep.md").read_text()
     assert "| g0.75 | 0.750 | unseen |" in md and "K=2" in md

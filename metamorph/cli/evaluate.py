@@ -16,6 +16,7 @@ from torch import nn
 
 from metamorph.cli.entry import entry_point
 from metamorph.devices.measure import cpu_latency_ms
+from metamorph.export.plots import count, sweep_title
 from metamorph.runtime.checkpoints import checkpoint_kind
 from metamorph.runtime.data import build_datamodule
 from metamorph.runtime.device import resolve_device
@@ -102,10 +103,11 @@ def run_metamorphic(cfg: DictConfig, log=print) -> dict:
     if net.base_arch.bn_blocks:
         aug = "crop+flip augmented" if net.bn_augment else "not augmented"
         cal += f"; BN statistics of each shape on {n_bn} train images ({aug})"
+    n_threads = int(cfg.latency_threads or torch.get_num_threads())
     header = (
         f"Sweep of `{cfg.src}` on {cfg.data.name}/{cfg.split} ({len(y)} images; EMA INR, "
         f"K={k}{cal}; trained ratios gamma in [{trained[0]:g}, {trained[1]:g}]; latency: batch "
-        f"{sw.latency_batch_size}, {cfg.latency_threads or torch.get_num_threads()} threads)"
+        f"{sw.latency_batch_size}, {count(n_threads, 'thread')}; median, IQR in brackets)"
     )
     with StagedOutputs(out_dir) as st:
         write_outputs(
@@ -114,7 +116,7 @@ def run_metamorphic(cfg: DictConfig, log=print) -> dict:
             trained,
             baselines,
             header=header,
-            title=f"{cfg.split} ({len(y)} images), K={k}",
+            title=sweep_title(cfg.src, cfg.data.name, cfg.split, len(y), k),
         )
         files = [str(p) for p in st.commit()]
     points = [r.to_dict() for r in rows]

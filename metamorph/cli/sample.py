@@ -28,6 +28,7 @@ from metamorph.export.formats import (
     input_spec,
 )
 from metamorph.export.outputs import StagedOutputs, check_output_dir
+from metamorph.export.plots import ratio_text
 from metamorph.export.sample import (
     Budget,
     calibration_images,
@@ -39,7 +40,7 @@ from metamorph.export.sample import (
     use_bn_images,
     val_batches,
 )
-from metamorph.hypernet.evaluate import is_seen
+from metamorph.hypernet.evaluate import batch_accuracy, is_seen
 from metamorph.io.model_file import save_model
 from metamorph.runtime.data import build_datamodule
 from metamorph.runtime.device import resolve_device
@@ -111,7 +112,22 @@ def _target(cfg: DictConfig) -> str:
     return given[0]
 
 
-def run(cfg: DictConfig, log=print) -> dict:
+def _accuracy_split(cfg: DictConfig, data_loaded: bool, data_given: bool) -> str | None:
+    """The split the sampled network is scored on: ``accuracy_split`` (auto: test, when data
+    is loaded anyway or named on the command line)."""
+    v = cfg.get("accuracy_split", "auto")
+    if v in (None, "none", "null", False):
+        return None
+    if v == "auto":
+        return "test" if data_loaded or data_given else None
+    if v not in ("train", "val", "test"):
+        raise ValueError(f"accuracy_split={v}: choose auto, test, val, train or null")
+    return str(v)
+
+
+def run(cfg: DictConfig, log=print, data_given: bool = False) -> dict:
+    """Sample, export and check one network; ``data_given``: data= or data.* was set on the
+    command line (the sampled network is then scored on the test split)."""
     t0 = time.time()
     if cfg.threads:
         torch.set_num_threads(int(cfg.threads))
@@ -219,6 +235,22 @@ def run(cfg: DictConfig, log=print) -> dict:
     calib = calibration_images(dm, n_calib, seed) if n_calib else None
     model = materialize(module, hidden, k=k, seed=seed, calibrate_images=calib)
     params, flops = count_params(model), count_flops(model)
+    acc_split = _accuracy_split(cfg, dm is not None, data_given)
+    if acc_split is not None:  # the network as written, calibration included
+        if dm is None:
+            dm = build_datamodule(
+                cfg.data, mean=net.base_arch.mean, std=net.base_arch.std, seed=int(cfg.seed)
+            )
+            dm.setup("fit" if acc_split != "test" else "test")
+        xs, ys = dm.split_tensors(acc_split)
+        acc = batch_accuracy(model.eval(), dm.normalized_batches((xs, ys)))
+        summary["accuracy"] = {
+            "acc": round(acc, 3),
+            "split": acc_split,
+            "data": str(cfg.data.name),
+            "images": len(ys),
+        }
+        log(f"  scored the sampled network on {cfg.data.name}/{acc_split}: {acc:.2f}%")
     if profile is not None and chosen is None:  # a gamma / hidden target measured on device=
         summary["measured"] = _measured_record(measure_model(model, profile))
     gamma = net.gamma_of(hidden)
@@ -315,10 +347,14 @@ def run(cfg: DictConfig, log=print) -> dict:
 def report(s: dict) -> None:
     print(
         f"[metamorph-sample] {s['ckpt']} -> {s['model']} "
-        f"(ResNet-{s['depth']}, gamma {s['gamma']:.3f}, {'seen' if s['seen'] else 'unseen'}, K={s['k']})"
+        f"(ResNet-{s['depth']}, {ratio_text(s['gamma'])}, {'seen' if s['seen'] else 'unseen'}, "
+        f"K={s['k']})"
     )
     print(f"  shape   {s['hidden']}")
     print(f"  cost    {s['params']:,} params, {s['flops'] / 1e6:.2f} MFLOPs")
+    if "accuracy" in s:
+        a = s["accuracy"]
+        print(f"  acc     {a['acc']:.2f}% on {a['data']}/{a['split']} ({a['images']:,} images)")
     if s["target"] == "budget":
         print(
             f"  chosen  {s['chosen']}: {s['why']}; {s['candidates']} candidates considered, "
@@ -347,7 +383,11 @@ def report(s: dict) -> None:
 
 @entry_point("metamorph-sample", "sample")
 def main(cfg: DictConfig) -> None:
-    s = run(cfg)  # the user's errors: one line, exit status 2 (metamorph.cli.entry)
+    from hydra.core.hydra_config import HydraConfig
+
+    given = HydraConfig.get().overrides.task
+    data_given = any(o.lstrip("+~").split("=")[0].split(".")[0] == "data" for o in given)
+    s = run(cfg, data_given=data_given)  # the user's errors: one line, exit 2 (cli.entry)
     report(s)
     print_summary(s)
 

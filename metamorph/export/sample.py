@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,7 @@ import yaml
 
 from metamorph.devices.budget import Budget, Option
 from metamorph.devices.measure import Measurement
+from metamorph.export.plots import gamma_label
 from metamorph.hypernet.evaluate import (
     accuracy_at,
     count_shape_params,
@@ -237,14 +239,14 @@ def deployed_arch(net: MetaResNet, hidden: Shape):
     return arch
 
 
-def shape_latency_ms(
+def shape_timing(
     net: MetaResNet,
     hidden: Shape,
     batch_size: int = 1,
     threads: int | None = None,
     min_run_time: float = 0.2,
-) -> float:
-    """Eager-PyTorch CPU latency of the plain network at ``hidden`` (weights do not change the
+):
+    """Eager-PyTorch CPU timing (median, quartiles) of the plain network at ``hidden`` (weights do not change the
     time), measured by :func:`metamorph.devices.time_module` on an ad-hoc ``torch_cpu`` profile."""
     from metamorph.devices import DeviceProfile, time_module
 
@@ -258,7 +260,18 @@ def shape_latency_ms(
     )
     model = CifarResNet(deployed_arch(net, hidden))
     x = torch.randn(p.batch_size, model.arch.in_channels, p.resolution, p.resolution)
-    return time_module(model, x, p).median_ms
+    return time_module(model, x, p)
+
+
+def shape_latency_ms(
+    net: MetaResNet,
+    hidden: Shape,
+    batch_size: int = 1,
+    threads: int | None = None,
+    min_run_time: float = 0.2,
+) -> float:
+    """The median of :func:`shape_timing`, in milliseconds."""
+    return shape_timing(net, hidden, batch_size, threads, min_run_time).median_ms
 
 
 # ----------------------------------------------------------------------------------------------
@@ -350,8 +363,10 @@ def candidate_shapes(
     raw: list[tuple[str, Shape, float]] = []
     for d in depths:
         for g in gammas:
-            label = f"g{g:g}" if d is None else f"g{g:g}-d{d}"
-            raw.append((label, net.shape_for_gamma(g, depth=d), g))
+            shape = net.shape_for_gamma(g, depth=d)
+            achieved = net.gamma_of(shape)  # widths round to whole channels
+            label = gamma_label(achieved)  # so the label is the ratio as reported
+            raw.append((label if d is None else f"{label}-d{d}", shape, achieved))
     if n_random > 0:
         depth_varies = bool(net.spec.depth_choices)
         for i, h in enumerate(random_shapes(net, int(n_random), seed=seed, depth=depth_varies)):
@@ -426,9 +441,12 @@ def select_for_budget(
             f"  evaluating {len(within)} shapes within budget on "
             f"{sum(len(y) for _, y in batches)} images"
         )
-        for o in within:
+        t0 = time.perf_counter()
+        for i, o in enumerate(within, 1):
             emitted = module.emit_eval(o.item.hidden, k=k, seed=seed)
             o.score = o.item.acc = accuracy_at(net, emitted, o.item.hidden, batches)
+            left = (time.perf_counter() - t0) / i * (len(within) - i)
+            log(f"    [{i}/{len(within)}] {o.label:<10} {o.item.acc:6.2f}%  (~{left:.0f} s left)")
 
     def measure_option(o: Option) -> Measurement:
         model = materialize(module, o.item.hidden, k=k, seed=seed).cpu()

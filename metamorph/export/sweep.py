@@ -19,10 +19,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from metamorph.export.plots import COSTS, plot_accuracy_vs_cost
 from metamorph.export.sample import (
     materialize,
     reference_stats_for,
-    shape_latency_ms,
+    shape_timing,
 )
 from metamorph.hypernet.evaluate import (
     EmittedFamily,
@@ -43,6 +44,8 @@ CSV_FIELDS = [
     "latency_ms",
     "depth",
     "hidden",
+    "latency_q1_ms",
+    "latency_q3_ms",
 ]
 METRICS = {  # metric -> (file stem, axis label, scale)
     "acc": ("acc_vs_gamma", "accuracy (%)", 1.0),
@@ -56,7 +59,9 @@ METRICS = {  # metric -> (file stem, axis label, scale)
 class Row:
     point: SweepPoint
     flops: int | None = None
-    latency_ms: float | None = None
+    latency_ms: float | None = None  # median; q1 / q3: its interquartile range
+    latency_q1_ms: float | None = None
+    latency_q3_ms: float | None = None
 
     label = property(lambda self: self.point.label)
     gamma = property(lambda self: self.point.gamma)
@@ -69,7 +74,9 @@ class Row:
     def to_dict(self) -> dict:
         d = self.point.to_dict()
         d["flops"] = self.flops
-        d["latency_ms"] = None if self.latency_ms is None else round(self.latency_ms, 4)
+        for key in ("latency_ms", "latency_q1_ms", "latency_q3_ms"):
+            v = getattr(self, key)
+            d[key] = None if v is None else round(v, 4)
         if d["acc"] is not None:
             d["acc"] = round(d["acc"], 4)
         return d
@@ -237,9 +244,10 @@ def run_sweep(
         p.params = cost["params"]
         row = Row(p, flops=cost["flops"])
         if latency:
-            row.latency_ms = shape_latency_ms(
+            t = shape_timing(
                 family, p.hidden, latency_batch_size, latency_threads, latency_min_run_time
             )
+            row.latency_ms, row.latency_q1_ms, row.latency_q3_ms = t.median_ms, t.q1_ms, t.q3_ms
         if log:
             lat = "" if row.latency_ms is None else f", {row.latency_ms:.3f} ms"
             log(
@@ -267,6 +275,8 @@ def markdown_table(rows: list[Row], header: str = "") -> str:
     ]
     for r in rows:
         lat = "n/a" if r.latency_ms is None else f"{r.latency_ms:.3f}"
+        if r.latency_q1_ms is not None and r.latency_q3_ms is not None:
+            lat += f" [{r.latency_q1_ms:.3f}, {r.latency_q3_ms:.3f}]"
         lines.append(
             f"| {r.label} | {r.gamma:.3f} | {'seen' if r.seen else 'unseen'} | {r.acc:.2f} | "
             f"{r.params:,} | {r.flops / 1e6:.2f} | {lat} | {r.depth} |"
@@ -329,6 +339,8 @@ def plot_metric(
                 color=f"C{(i + 4) % 10}",
                 label=b.name,
             )
+    if metric != "acc":  # a cost axis: read as ratios ("half the FLOPs"), so from zero
+        ax.set_ylim(bottom=0)
     ax.set_xlabel("compression ratio $\\gamma = 1 - d/d_{full}$")
     ax.set_ylabel(ylabel)
     ax.set_title(title)
@@ -360,6 +372,10 @@ def write_outputs(
         files[stem] = plot_metric(
             rows, metric, folder / f"{stem}.png", trained, baselines, title=title
         )
+    for cost, (stem, _, _) in COSTS.items():  # the deployment question: accuracy vs cost
+        png = plot_accuracy_vs_cost(rows, cost, folder / f"{stem}.png", baselines, title=title)
+        if png is not None:
+            files[stem] = png
     return files
 
 
