@@ -439,3 +439,20 @@ def test_one_rounding_rule_and_width_above_full():
     assert ratio_text(-1.0) == "width x2.0" and ratio_text(-0.25) == "width x1.25"
     assert ratio_text(1 - 34 / 64) == "gamma 0.469" and gamma_label(1 - 34 / 64) == "g0.469"
     assert gamma_label(0.0) == "g0" and gamma_label(0.5) == "g0.5"
+
+
+def test_bench_prints_an_estimate_of_its_duration(tmp_path, capsys):
+    from conftest import compose_config
+
+    from metamorph.cli import bench
+
+    tiny = ["hypernet.hidden=16", "hypernet.layers=2", "hypernet.freqs=4", "threads=1"]
+    tiny += ["batch_size=4", "repeats=1", "warmup=0", "train=false", "memory=false"]
+    tiny += ["k_values=[1]", "matmul_size=64", "matmul_rows=256", "models=[resnet20]"]
+    s = bench.run(compose_config("bench", tmp_path, tiny))
+    out = capsys.readouterr().out
+    assert "estimated duration: about" in out and s["estimated_s"] > 0
+    with_memory = compose_config("bench", tmp_path, [*tiny[:-1], "memory=true", "train=true"])
+    nets = {"r20": bench.build_metanet("resnet20", bench.INRConfig(hidden=16, layers=2, freqs=4))}
+    slow = bench.estimate_seconds(with_memory, nets, torch.device("cpu"), [1])
+    assert slow > s["estimated_s"]  # memory subprocesses and training steps add to it

@@ -347,6 +347,41 @@ def bench_memory(
 # ----------------------------------------------------------------------------------------------
 
 
+# Step / emission time ratios measured on a 2-core CPU (docs/RESULTS.md section 3, session 4):
+# a metamorphic training step ~6-8x one full emission, a plain step ~1/3.4 of a metamorphic one.
+STEP_PER_EMISSION = 7.0
+PLAIN_PER_META_STEP = 1 / 3.4
+SUBPROCESS_START_S = 10.0  # a fresh interpreter importing torch + lightning (memory figures)
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.1f} min"
+
+
+def estimate_seconds(cfg: DictConfig, nets: dict, device: torch.device, k_values) -> float:
+    """A rough duration of the whole bench, from one timed emission per network: the figures'
+    repeat counts times the probe, and the step/emission ratios above for training and memory."""
+    total = 0.0
+    warmup, repeats = int(cfg.warmup), int(cfg.repeats)
+    for net in nets.values():
+        net.to(device).eval()
+        full = net.full_shape
+        net.emit(full)  # first call: allocations
+        t0 = time.perf_counter()
+        net.emit(full)
+        _sync(device)
+        t_emit = time.perf_counter() - t0
+        net.to("cpu")
+        total += 2.0 + (warmup + repeats) * t_emit * (1 + sum(k_values))  # + the matmuls
+        t_step = STEP_PER_EMISSION * t_emit * int(cfg.batch_size) / 128
+        if cfg.train:
+            reps = warmup + int(cfg.train_repeats)
+            total += reps * t_step * (1 + 2 * PLAIN_PER_META_STEP)
+        if cfg.memory:
+            total += 3 * (SUBPROCESS_START_S + (int(cfg.memory_steps) + 1) * t_step)
+    return total
+
+
 def run(cfg: DictConfig, log=print) -> dict:
     t0 = time.time()
     threads = int(cfg.threads) if cfg.threads else torch.get_num_threads()
@@ -391,6 +426,12 @@ def run(cfg: DictConfig, log=print) -> dict:
     log(
         f"[metamorph-bench] {device}, {threads} thread(s); INR hidden={inr.hidden} "
         f"layers={inr.layers} freqs={inr.freqs}; batch {cfg.batch_size}"
+    )
+    est = estimate_seconds(cfg, nets, device, k_values)
+    summary["estimated_s"] = round(est, 1)
+    log(
+        f"  estimated duration: about {_duration(est)} (from one emission per network; "
+        "train=false memory=false models=[resnet20] run in a fraction of it)"
     )
     summary["matmul"] = {"square_n": n, "inr_shaped": [rows, inr.hidden, inr.hidden]}
     summary["emission"], summary["training"], summary["memory"] = {}, {}, {}
