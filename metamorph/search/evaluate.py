@@ -19,22 +19,17 @@ import numpy as np
 import torch
 from torch import nn
 
+from metamorph.models import metrics
+from metamorph.models.metrics import tensor_batches
 from metamorph.search.lowrank import TuckerCache, set_submodule
 from metamorph.search.prune import ChannelMasks, prune_physical
 from metamorph.search.spaces import DecompositionSpace, MetamorphSpace, PruningSpace, Space
 
 
-@torch.no_grad()
 def top1(logits_fn, x: torch.Tensor, y: torch.Tensor, batch_size: int, device=None) -> float:
     """Top-1 accuracy in percent of ``logits_fn`` over ``(x, y)`` in batches; batches are moved
     to ``device`` (default: where ``x`` is)."""
-    correct = 0
-    for i in range(0, len(y), batch_size):
-        xb, yb = x[i : i + batch_size], y[i : i + batch_size]
-        if device is not None:
-            xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
-        correct += (logits_fn(xb).argmax(1) == yb).sum().item()
-    return 100.0 * correct / max(1, len(y))
+    return metrics.top1(logits_fn, tensor_batches(x, y, batch_size), device)
 
 
 class Evaluator:
@@ -218,27 +213,19 @@ class MetamorphEvaluator(Evaluator):
         self.module.to(self.device).eval()
         self._ready = True
 
+    def family(self):
+        """The checkpoint's sub-network family (its evaluation emission at ``k``, ``seed``)."""
+        return self.module.subnet_family(k=self.k, seed=self.seed)
+
     @torch.no_grad()
     def _logits_fn(self, g):
-        hidden = self.space.decode(g)
-        emitted = self.module.emit_eval(hidden, k=self.k, seed=self.seed)
-        net = self.module.net
-        return lambda x: net(x, hidden, emitted)
+        return self.family().forward_fn(self.space.decode(g))
 
     @torch.no_grad()
     def build(self, g: np.ndarray) -> nn.Module:
-        from metamorph.models.resnet_cifar import CifarResNet
-
         if not self._ready:
             self.setup()
-        hidden = self.space.decode(g)
-        net = self.module.net
-        emitted = self.module.emit_eval(hidden, k=self.k, seed=self.seed)
-        model = CifarResNet(net.arch_for(hidden))
-        model.load_state_dict(
-            {n: v.detach().cpu().clone() for n, v in net.params_for(hidden, emitted).items()}
-        )
-        return model.eval()
+        return self.family().materialize(self.space.decode(g)).eval()
 
 
 # ------------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from metamorph.models import metrics
 from metamorph.runtime.search_methods import get_search_method
 from metamorph.search.config import SearchConfig
 from metamorph.search.evaluate import (
@@ -209,13 +210,7 @@ def accuracy_on(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: 
 def test_accuracy(model: nn.Module, dm) -> float:
     """Top-1 (%) on the test split (reporting only), run where the model lives."""
     model.eval()
-    device = _device_of(model)
-    correct = total = 0
-    for x, y in dm.normalized_batches("test"):
-        x, y = x.to(device), y.to(device)
-        correct += (model(x).argmax(1) == y).sum().item()
-        total += y.numel()
-    return 100.0 * correct / max(1, total)
+    return metrics.top1(model, dm.normalized_batches("test"), _device_of(model))
 
 
 def uniform_l1_baseline(
