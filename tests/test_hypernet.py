@@ -510,8 +510,10 @@ def test_recon_warmup_emits_only_the_full_shape(monkeypatch):
         recon_warmup_steps=5, sampling=SamplingConfig(mode="uniform", full_width_every=0)
     )
     shapes = []
-    emit = module.net.emit
-    monkeypatch.setattr(module.net, "emit", lambda h, **kw: shapes.append(h) or emit(h, **kw))
+    emit_many = module.net.emit_many  # the training step emits all its shapes in one pass
+    monkeypatch.setattr(
+        module.net, "emit_many", lambda hs, **kw: shapes.extend(hs) or emit_many(hs, **kw)
+    )
     x, y = torch.randn(8, 3, 8, 8), torch.randint(0, 10, (8,))
     _, logged = run_steps(module, x, y, 2)
     assert shapes == [module.net.full_shape] * 2

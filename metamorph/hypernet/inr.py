@@ -17,6 +17,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+# How training emissions draw their coordinate noise: ``query`` (NeuMeta: every query its own
+# draw for all six coordinates) or ``axis`` (one draw per row for i, r, L, R and one per column
+# for c, C: the input layer keeps its outer-sum form, so noisy emissions skip the per-query
+# Fourier features and input matmul).
+NOISE_MODES = ("query", "axis")
+
 
 @dataclass
 class INRConfig:
@@ -36,6 +42,10 @@ class INRConfig:
     def __post_init__(self) -> None:
         if self.coords not in ("relative", "absolute"):
             raise ValueError(f"hypernet.coords={self.coords!r}; choose relative or absolute")
+
+
+def _cols(slot: TensorSlot, shape: tuple[int, ...]) -> int:
+    return shape[1] if slot.kind == "weight" else 1
 
 
 def fourier_features(x: torch.Tensor, freqs: int) -> torch.Tensor:
@@ -97,6 +107,12 @@ class WeightINR(nn.Module):
     # each block's activations stay in cache between the matmuls and the element-wise ops (about
     # 20% faster at 256 hidden on a 2-core CPU); a GPU takes the whole grid at once.
     grid_chunk: int = 1024
+    # :meth:`emit_tensors` stacks the heads of tensors with equal query counts and runs them as
+    # batched matmuls (False: one head after the other, the reference path; None: batched on a
+    # GPU, where a step is bound by kernel launches, per head on a CPU, where the per-head
+    # matmuls are already large and stacking only adds copies -- measured: no faster on the
+    # 2-core CPU). Both give bit-identical weights and gradients on the CPU (tested).
+    batched: bool | None = None
 
     def __init__(self, cfg: INRConfig, num_slots: int, norm: float) -> None:
         super().__init__()
@@ -269,13 +285,7 @@ class WeightINR(nn.Module):
         same values as the per-query path, without the per-query features or input matmul.
         """
         head = self.head(slot.name)
-        w = head.inp.weight
-        dims = self._dim_columns(device)
-        f0, fr, fc = self._grid_features(slot, rows, cols, device, w.dtype)
-        # the query at r = c = 0 through the whole input layer carries every constant term
-        base = head.inp(f0)  # (1, hidden)
-        a = fr @ w[:, dims[1]].T  # (rows, hidden), zero at r = 0
-        b = torch.addmm(base, fc, w[:, dims[2]].T)  # (cols, hidden), the constant folded in
+        a, b = self._grid_pre(slot, rows, cols, device)
         step = rows
         if device.type == "cpu" and rows * cols > self.grid_chunk:
             step = max(1, self.grid_chunk // cols)  # whole rows per block
@@ -284,6 +294,21 @@ class WeightINR(nn.Module):
             for i in range(0, rows, step)
         ]
         return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+    def _grid_pre(
+        self, slot: TensorSlot, rows: int, cols: int, device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The noise-free input layer's pre-activation as an outer sum: ``a[r] + b[c]``, with
+        ``a`` (rows, hidden) zero at r = 0 and ``b`` (cols, hidden) carrying every constant."""
+        head = self.head(slot.name)
+        w = head.inp.weight
+        dims = self._dim_columns(device)
+        f0, fr, fc = self._grid_features(slot, rows, cols, device, w.dtype)
+        # the query at r = c = 0 through the whole input layer carries every constant term
+        base = head.inp(f0)  # (1, hidden)
+        a = fr @ w[:, dims[1]].T  # (rows, hidden), zero at r = 0
+        b = torch.addmm(base, fc, w[:, dims[2]].T)  # (cols, hidden), the constant folded in
+        return a, b
 
     def _reshape(self, out: torch.Tensor, slot: TensorSlot, shape: tuple[int, ...]) -> torch.Tensor:
         if slot.kind == "bias":
@@ -312,3 +337,243 @@ class WeightINR(nn.Module):
         out = out[:, :out_dim] if slot.kind == "bias" else out
         scale = raw[:, 5:6]  # noisy C
         return self._reshape(out / scale, slot, shape)
+
+    # ------------------------------------------------------------------ batched emission
+    def emit_tensors(
+        self,
+        requests: list[tuple[TensorSlot, tuple[int, ...], float]],
+        generator: torch.Generator | None = None,
+        noise_mode: str = "query",
+    ) -> list[torch.Tensor]:
+        """Weights of many tensors at once; ``requests`` are ``(slot, shape, noise)``.
+
+        With ``noise_mode="query"`` this equals one :meth:`emit_tensor` call per request, in
+        order (the same noise draws from ``generator``), but the heads of requests with equal
+        query counts are stacked and their trunks run as batched matmuls: a few large kernels
+        per step instead of one small MLP per tensor, in one autograd graph. ``axis`` draws
+        the noise per row and per column (:data:`NOISE_MODES`)."""
+        if noise_mode not in NOISE_MODES:
+            raise ValueError(f"coordinate noise mode {noise_mode!r}; choose one of {NOISE_MODES}")
+        if not requests:
+            return []
+        device = next(self.parameters()).device
+        pres = self._input_pre(requests, generator, noise_mode, device)
+        batched = self.batched if self.batched is not None else device.type == "cuda"
+        outs: list[torch.Tensor | None] = [None] * len(requests)
+        groups: dict[tuple[int, int, int], list[int]] = {}
+        for i, (slot, shape, _) in enumerate(requests):
+            out_dim = self.cfg.kernel_out if slot.kind == "weight" else 1
+            q = 0 if pres[i] is None else pres[i].shape[0]
+            if pres[i] is None:  # noise-free under autograd: the reference grid path
+                outs[i] = self._emit_grid(slot, shape[0], _cols(slot, shape), device)
+                continue
+            groups.setdefault((out_dim, q, self._chunk(q, device)), []).append(i)
+        for (_, _, chunk), members in groups.items():
+            heads = [self.head(requests[i][0].name) for i in members]
+            if len(members) == 1 or not batched:
+                for i, head in zip(members, heads):
+                    outs[i] = self._trunk(head, pres[i], chunk)
+                continue
+            ys = self._stacked_trunk(heads, [pres[i] for i in members], chunk)
+            for i, y in zip(members, ys):
+                outs[i] = y
+        result = []
+        for (slot, shape, _), out in zip(requests, outs):
+            cols = shape[1] if slot.kind == "weight" else 1
+            result.append(self._reshape(out, slot, shape) / float(cols))
+        return result
+
+    def _input_pre(
+        self,
+        requests: list[tuple[TensorSlot, tuple[int, ...], float]],
+        generator: torch.Generator | None,
+        noise_mode: str,
+        device: torch.device,
+    ) -> list[torch.Tensor]:
+        """Each request's input-layer pre-activation, (queries, hidden). Noise is drawn on the
+        CPU in request order (what :meth:`emit_tensor` draws) and copied to ``device`` once;
+        the per-query Fourier features of all noisy requests are computed in one pass."""
+        pres: list[torch.Tensor | None] = [None] * len(requests)
+        draws, noisy = [], []
+        for i, (slot, shape, noise) in enumerate(requests):
+            rows = shape[0]
+            cols = shape[1] if slot.kind == "weight" else 1
+            if noise <= 0 and torch.is_grad_enabled():
+                continue  # emitted by _emit_grid, whose row blocks set the gradients' rounding
+            if noise <= 0:
+                a, b = self._grid_pre(slot, rows, cols, device)
+                pres[i] = (a[:, None, :] + b[None, :, :]).reshape(rows * cols, -1)
+            elif noise_mode == "query":
+                draws.append(torch.rand((rows * cols, 6), generator=generator, device="cpu"))
+                noisy.append(i)
+            else:
+                u_row = torch.rand((rows, 4), generator=generator, device="cpu")
+                u_col = torch.rand((cols, 2), generator=generator, device="cpu")
+                pres[i] = self._axis_pre(slot, rows, cols, noise, u_row, u_col, device)
+        if noisy:
+            u = (torch.cat(draws) if len(draws) > 1 else draws[0]).to(device) - 0.5
+            raws, scale, dens = [], [], []
+            for i in noisy:
+                slot, shape, noise = requests[i]
+                cols = shape[1] if slot.kind == "weight" else 1
+                raw = self.raw_grid(slot, shape[0], cols, device)
+                raws.append(raw)
+                scale.append(raw.new_full((raw.shape[0], 1), float(noise)))
+                if self.cfg.coords == "absolute":
+                    den = [float(self.num_slots), float(slot.full[0]), float(slot.full[1])]
+                    dens.append(raw.new_tensor(den).expand(raw.shape[0], 3))
+            raw = torch.cat(raws) + torch.cat(scale) * u
+            if self.cfg.coords == "absolute":
+                x = torch.cat([raw[:, :3] / torch.cat(dens), raw[:, 3:] / self.norm], dim=1)
+            else:
+                x = torch.cat([raw[:, :3] / raw[:, 3:], raw[:, 3:] / self.norm], dim=1)
+            feats = fourier_features(x, self.cfg.freqs).split([r.shape[0] for r in raws])
+            for i, f in zip(noisy, feats):
+                # its own (aligned) copy: a gemm's rounding can depend on the operand's
+                # alignment, and this keeps the per-tensor path's values bit for bit
+                pres[i] = self.head(requests[i][0].name).inp(f.clone())
+        return pres
+
+    def _axis_pre(
+        self,
+        slot: TensorSlot,
+        rows: int,
+        cols: int,
+        noise: float,
+        u_row: torch.Tensor,
+        u_col: torch.Tensor,
+        device: torch.device,
+    ) -> torch.Tensor:
+        """Input-layer pre-activation under per-row / per-column noise: the row coordinates
+        (i, r, L, R) vary with the row only and the column ones (c, C) with the column only,
+        so it is ``A[r] + B[c]`` (two small matmuls) instead of a per-query input layer."""
+        head = self.head(slot.name)
+        w = head.inp.weight
+        u_row = u_row.to(device, w.dtype) - 0.5
+        u_col = u_col.to(device, w.dtype) - 0.5
+        r = torch.arange(rows, device=device, dtype=w.dtype)
+        c = torch.arange(cols, device=device, dtype=w.dtype)
+        i_, big_l = float(slot.index), float(self.num_slots)
+        # raw row coordinates [i, r, L, R] and column coordinates [c, C], noisy
+        row = torch.stack(
+            [torch.full_like(r, i_), r, torch.full_like(r, big_l), torch.full_like(r, rows)], 1
+        )
+        col = torch.stack([c, torch.full_like(c, cols)], 1)
+        row = row + noise * u_row
+        col = col + noise * u_col
+        if self.cfg.coords == "absolute":
+            den_r, den_c = float(slot.full[0]), col.new_tensor(float(slot.full[1]))
+            x_r = torch.stack([row[:, 0] / big_l, row[:, 1] / den_r], 1)
+            x_c = (col[:, 0] / den_c)[:, None]
+        else:
+            x_r = torch.stack([row[:, 0] / row[:, 2], row[:, 1] / row[:, 3]], 1)
+            x_c = (col[:, 0] / col[:, 1])[:, None]
+        # dims of the NeuMeta vector [i/L, r/R, c/C, L/N, R/N, C/N]
+        x_row = torch.cat([x_r, row[:, 2:4] / self.norm], 1)  # dims 0, 1, 3, 4
+        x_col = torch.cat([x_c, col[:, 1:2] / self.norm], 1)  # dims 2, 5
+        a = fourier_features(x_row, self.cfg.freqs) @ w[:, self._columns((0, 1, 3, 4), device)].T
+        b = torch.addmm(
+            head.inp.bias,
+            fourier_features(x_col, self.cfg.freqs),
+            w[:, self._columns((2, 5), device)].T,
+        )
+        return (a[:, None, :] + b[None, :, :]).reshape(rows * cols, -1)
+
+    def _columns(self, dims: tuple[int, ...], device: torch.device) -> torch.Tensor:
+        """Input-layer columns fed by ``fourier_features`` of the coordinate dims ``dims`` taken
+        together (its layout: the values, then every dim's sines, then every dim's cosines)."""
+        key = ("columns", dims, str(device))
+        cols = self._grid_cache.get(key)
+        if cols is None:
+            f = self.cfg.freqs
+            idx = list(dims)
+            if f:
+                idx += [6 + d * f + k for d in dims for k in range(f)]
+                idx += [6 + 6 * f + d * f + k for d in dims for k in range(f)]
+            cols = self._grid_cache[key] = torch.tensor(idx, device=device)
+        return cols
+
+    def _chunk(self, q: int, device: torch.device) -> int:
+        """Queries per trunk block: without autograd on a CPU, blocks of :attr:`grid_chunk`
+        (the activations stay in cache; each query's values are the same)."""
+        if device.type != "cpu" or q <= self.grid_chunk or torch.is_grad_enabled():
+            return q
+        return self.grid_chunk
+
+    def compile_trunk(self, cfg) -> None:
+        """Run the trunks of :meth:`emit_tensors` compiled (a
+        :class:`metamorph.hypernet.compiled.CompileConfig`; ``None`` or disabled: eager)."""
+        from metamorph.hypernet.compiled import compile_fns
+
+        self._compiled = compile_fns(cfg) if cfg is not None and cfg.enabled else None
+
+    _compiled = None  # (trunk, stacked trunk) compiled by :meth:`compile_trunk`
+
+    def _trunk(self, head: ResMLPHead, pre: torch.Tensor, chunk: int) -> torch.Tensor:
+        """One head's trunk over query blocks of ``chunk``."""
+        if self._compiled is not None:
+            res = head.res
+            return self._compiled[0](
+                pre,
+                [layer.weight for layer in res],
+                [layer.bias for layer in res],
+                head.scales,
+                head.out.weight,
+                head.out.bias,
+            )
+        q = pre.shape[0]
+        if chunk >= q:
+            return head.trunk(pre)
+        return torch.cat([head.trunk(pre[i : i + chunk]) for i in range(0, q, chunk)])
+
+    def _stacked_trunk(
+        self, heads: list[ResMLPHead], pres: list[torch.Tensor], chunk: int
+    ) -> list[torch.Tensor]:
+        """:meth:`ResMLPHead.trunk` of several heads over equally many queries, as batched
+        matmuls over their stacked weights (a gradient reaches each head's own parameters).
+        Without autograd it runs in place, over query blocks of :attr:`grid_chunk` on a CPU."""
+        h = torch.stack(pres)  # (G, Q, hidden)
+        if self._compiled is not None:
+            n = len(heads[0].res)
+            y = self._compiled[1](
+                h,
+                [torch.stack([hd.res[k].weight for hd in heads]).transpose(1, 2) for k in range(n)],
+                [torch.stack([hd.res[k].bias for hd in heads])[:, None, :] for k in range(n)],
+                [torch.stack([hd.scales[k] for hd in heads])[:, None, None] for k in range(n)],
+                torch.stack([hd.out.weight for hd in heads]).transpose(1, 2),
+                torch.stack([hd.out.bias for hd in heads])[:, None, :],
+            )
+            return list(y.unbind(0))
+        res = [
+            (
+                torch.stack([hd.res[k].weight for hd in heads]).transpose(1, 2),
+                torch.stack([hd.res[k].bias for hd in heads])[:, None, :],
+                [hd.scales[k] for hd in heads],
+            )
+            for k in range(len(heads[0].res))
+        ]
+
+        def run(h: torch.Tensor) -> torch.Tensor:
+            fused = not torch.is_grad_enabled()
+            h = h.relu_() if fused else torch.relu(h)
+            for w, b, scales in res:
+                r = torch.baddbmm(b, h, w)
+                if fused:
+                    r.relu_()
+                    for g, s in enumerate(scales):
+                        h[g].add_(r[g].mul_(s))
+                else:
+                    # each head's scale times its own block: the scale's gradient is then one
+                    # whole-block sum, rounded as the per-head path rounds it at any thread count
+                    r = torch.relu(r)
+                    h = h + torch.stack([s * r[g] for g, s in enumerate(scales)])
+            # the small output layer per head: as cheap, and its gradients round as the
+            # per-head path's do (a batched one differs in the last bits of out.weight's)
+            return torch.stack([hd.out(h[g]) for g, hd in enumerate(heads)])
+
+        q = h.shape[1]
+        if chunk >= q:
+            y = run(h)
+        else:
+            y = torch.cat([run(h[:, i : i + chunk]) for i in range(0, q, chunk)], 1)
+        return list(y.unbind(0))

@@ -365,7 +365,7 @@ class MetaResNet(ResNetWidths, nn.Module):
                 "task.noise_quirk=true reproduces the official per-query noise; it cannot "
                 f"combine with task.coord_noise_mode={noise_mode!r} (use query)"
             )
-        if (quirk and noise > 0) or not self.inr.batched:
+        if (quirk and noise > 0) or self.inr.batched is False:
             # the official code's head routing, and the reference path: one head at a time
             return [self._emit_per_tensor(h, noise, generator, quirk, k) for h in shapes]
         requests, index = [], []

@@ -14,7 +14,8 @@ import torchmetrics
 from torch import nn
 
 from metamorph.config.schema import OptimConfig, SchedulerConfig
-from metamorph.hypernet.inr import INRConfig
+from metamorph.hypernet.compiled import CompileConfig
+from metamorph.hypernet.inr import NOISE_MODES, INRConfig
 from metamorph.hypernet.metanet import MetaResNet, MetaSpec, Shape
 from metamorph.hypernet.sampling import SamplingConfig, ShapeSampler
 from metamorph.models.distill import kl_distillation
@@ -107,7 +108,22 @@ class MetamorphConfig:
     # compute the frozen blocks before the first metamorphic one once per batch and share the
     # activation between the sampled shapes and the teacher (same numbers, less compute)
     share_prefix: bool = True
+    # coordinate noise per query (NeuMeta) or per row / column (``hypernet.inr.NOISE_MODES``:
+    # the input layer keeps its outer-sum form, fewer FLOPs per step; different draws)
+    coord_noise_mode: str = "query"
+    # the per-step training metrics (losses, gamma) are logged every this many steps: each
+    # logged tensor is read back to the host, a GPU sync (1: every step, as before)
+    log_every_n_steps: int = 1
+    compile: CompileConfig = field(default_factory=CompileConfig)
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.coord_noise_mode not in NOISE_MODES:
+            raise ValueError(
+                f"task.coord_noise_mode={self.coord_noise_mode!r}; choose one of {list(NOISE_MODES)}"
+            )
+        if int(self.log_every_n_steps) < 1:
+            raise ValueError(f"task.log_every_n_steps={self.log_every_n_steps}; it must be >= 1")
 
 
 RECON_TYPES = ("weighted", "mse", "relative")
@@ -151,8 +167,9 @@ class EMA(nn.Module):
 
     @torch.no_grad()
     def update(self, module: nn.Module, shared: nn.ParameterDict | None = None) -> None:
-        for p_s, p in zip(self.shadow.parameters(), module.parameters()):
-            p_s.lerp_(p.detach(), 1 - self.decay)
+        # one fused multi-tensor lerp (the same per-element formula as a lerp_ per tensor)
+        shadow = list(self.shadow.parameters())
+        torch._foreach_lerp_(shadow, [p.detach() for p in module.parameters()], 1 - self.decay)
         if self.shared_shadow is not None and shared is not None:
             for key, p in shared.items():
                 self.shared_shadow[key].lerp_(p.detach(), 1 - self.decay)
@@ -350,10 +367,18 @@ class MetamorphModule(L.LightningModule):
         # the warm-up only fits the full-width emission: no sampled shape to emit
         shapes = [self.net.full_shape] if warm else self.sampler.sample_step(micro)
         g = self.sampler.generator(micro + 7919)
-        emissions = [
-            self.net.emit(h, noise=cfg.coord_noise, generator=g, quirk=cfg.noise_quirk)
-            for h in shapes
-        ]
+        full_shape = self.net.full_shape
+        recon_extra = cfg.loss.recon > 0 and cfg.loss.recon_always and full_shape not in shapes
+        # one INR pass for every emission of the step: the sampled shapes, then the full width
+        # of the reconstruction loss (the order in which their noise was always drawn)
+        emitted = self.net.emit_many(
+            shapes + ([full_shape] if recon_extra else []),
+            noise=cfg.coord_noise,
+            generator=g,
+            quirk=cfg.noise_quirk,
+            noise_mode=cfg.coord_noise_mode,
+        )
+        emissions = emitted[: len(shapes)]
         full_emitted = next(
             (e for h, e in zip(shapes, emissions) if h == self.net.full_shape), None
         )
@@ -394,9 +419,7 @@ class MetamorphModule(L.LightningModule):
                 losses["kd"] = cfg.loss.kd * kd * T * T / n
         if (full_emitted is not None or cfg.loss.recon_always) and cfg.loss.recon > 0:
             if full_emitted is None:
-                full_emitted = self.net.emit(
-                    self.net.full_shape, noise=cfg.coord_noise, generator=g, quirk=cfg.noise_quirk
-                )
+                full_emitted = emitted[-1]
             rec = sum(
                 recon_loss(v, self.net.base_tensor(k), cfg.loss.recon_type)
                 for k, v in full_emitted.items()
@@ -405,15 +428,16 @@ class MetamorphModule(L.LightningModule):
         if cfg.loss.reg > 0:  # on the sampled shapes' emissions (NeuMeta)
             losses["reg"] = cfg.loss.reg * sum(v.norm() for e in emissions for v in e.values()) / n
         loss = sum(losses.values())
-        for k, v in losses.items():
-            self.log(f"train/{k}", v, on_step=True, on_epoch=False)
-        self.log("train/loss", loss, prog_bar=True)
-        self.log(
-            "train/gamma",
-            sum(self.net.gamma_of(h) for h in shapes) / n,
-            on_step=True,
-            on_epoch=False,
-        )
+        if step % int(cfg.log_every_n_steps) == 0:  # a logged tensor is a device sync
+            for k, v in losses.items():
+                self.log(f"train/{k}", v, on_step=True, on_epoch=False)
+            self.log("train/loss", loss, prog_bar=True)
+            self.log(
+                "train/gamma",
+                sum(self.net.gamma_of(h) for h in shapes) / n,
+                on_step=True,
+                on_epoch=False,
+            )
         return loss
 
     def on_train_batch_start(self, batch, batch_idx) -> None:
@@ -447,6 +471,10 @@ class MetamorphModule(L.LightningModule):
         finally:  # the scheduler keeps owning the un-ramped value
             for g, lr in zip(groups, saved):
                 g["lr"] = lr
+
+    def on_fit_start(self) -> None:
+        self.cfg.compile.check_device(self.device)
+        self.net.inr.compile_trunk(self.cfg.compile)
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         if self.ema is not None:

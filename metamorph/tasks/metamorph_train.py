@@ -13,6 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from metamorph.callbacks.ratio_sweep import RatioSweep
 from metamorph.config.schema import OptimConfig, SchedulerConfig, typed
+from metamorph.hypernet.compiled import CompileConfig
 from metamorph.hypernet.inr import INRConfig
 from metamorph.hypernet.metanet import MetaResNet, MetaSpec, block_names
 from metamorph.hypernet.sampling import SamplingConfig
@@ -67,6 +68,9 @@ def metamorph_config(cfg: DictConfig) -> MetamorphConfig:
         "sweep",
         "schedule",
         "share_prefix",
+        "coord_noise_mode",
+        "log_every_n_steps",
+        "compile",
     }
     unknown = set(t.keys()) - known
     if unknown:
@@ -104,6 +108,9 @@ def metamorph_config(cfg: DictConfig) -> MetamorphConfig:
         post_warmup_lr_factor=float(t.get("post_warmup_lr_factor", 1.0)),
         schedule=typed(ScheduleConfig, t.get("schedule"), "task.schedule"),
         share_prefix=bool(t.get("share_prefix", True)),
+        coord_noise_mode=str(t.get("coord_noise_mode", "query")),
+        log_every_n_steps=int(t.get("log_every_n_steps", 1)),
+        compile=typed(CompileConfig, t.get("compile"), "task.compile"),
         seed=int(cfg.seed),
     )
 
