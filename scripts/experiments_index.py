@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 from metamorph.config.experiments import GROUPS, Experiment, list_experiments, renames
+from metamorph.config.locations import CONF_DIR
 
 OUT = Path(__file__).resolve().parents[1] / "docs" / "EXPERIMENTS.md"
 
@@ -30,6 +31,9 @@ METHODS = {
     "finetune": "Fine-tuning the pretrained bases",
     "neumeta": "NeuMeta: one metamorphic block (Yang & Wang, ECCV 2024)",
     "full_network": "Full-network metamorphosis (every block, width and depth)",
+    "nnfactory": "NN-Factory",
+    "bespoke": "Bespoke",
+    "learngene": "Learngene Pool",
     "baselines": "Baselines of NeuMeta's Table 2 (slimmable, individual)",
     "genecai": "GeneCAI search (Javaheripi et al., GECCO 2020)",
 }
@@ -57,7 +61,14 @@ role folder). Roles:
   paper row or recipe and states the rest itself);
 - **ablation**: a child of one recipe that states only what it changes (`defaults:
   [<recipe>, _self_]`), kept so every row of docs/RESULTS.md stays runnable;
-- **setup**: a run other experiments need (fine-tuned bases, the quickstart).
+- **setup**: a run other experiments need (fine-tuned bases, the quickstart);
+- **diagnostic**: like an ablation, a one-change child of a recipe run to explain a result.
+
+To add an experiment (a new method gets its own `<method>/` folder): copy the header of a file
+of the same role, fill in `cost` and `result` once measured (with the date; `not measured`
+until then), and rerun this script. tests/test_experiments.py checks the header, the folder,
+the inheritance rules (an ablation restating a value of its recipe fails) and that this index
+is current; tests/test_configs.py composes every file with its primary config.
 
 Costs and results are the measured numbers of [RESULTS.md](RESULTS.md), with their dates; wall
 times were mostly taken on a shared 2-core CPU. gamma is the compression ratio 1 - d/D;
@@ -92,8 +103,8 @@ def _row(e: Experiment, with_parent: bool) -> str:
     return "| " + " | ".join(_cell(c) for c in cells) + " |"
 
 
-def render() -> str:
-    exps = list_experiments()
+def render(conf_dir: str | Path = CONF_DIR) -> str:
+    exps = list_experiments(conf_dir)
     by_override = {e.override: e for e in exps}
     lines = [INTRO, "## Recommended recipes", ""]
     lines += ["| command | what it does | measured result | cost |", "|---|---|---|---|"]
@@ -130,7 +141,7 @@ def render() -> str:
         "| old name | now |",
         "|---|---|",
     ]
-    lines += [f"| `{old}` | `{new}` |" for old, new in sorted(renames().items())]
+    lines += [f"| `{old}` | `{new}` |" for old, new in sorted(renames(conf_dir).items())]
     derived = [e for e in exps if e.was[0] and e.was[1]]
     if derived:
         lines += ["", "New files derived from an old name with overrides:", ""]
@@ -141,8 +152,9 @@ def render() -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--check", action="store_true", help="fail if docs/EXPERIMENTS.md is stale")
+    ap.add_argument("--conf", default=CONF_DIR, help="config dir to read (default: the package's)")
     args = ap.parse_args(argv)
-    text = render()
+    text = render(args.conf)
     if args.check:
         if not OUT.exists() or OUT.read_text() != text:
             print(f"{OUT} is stale: run python scripts/experiments_index.py", file=sys.stderr)
@@ -150,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{OUT} is up to date")
         return 0
     OUT.write_text(text)
-    print(f"wrote {OUT} ({len(list_experiments())} experiments)")
+    print(f"wrote {OUT} ({len(list_experiments(args.conf))} experiments)")
     return 0
 
 
