@@ -318,7 +318,7 @@ def test_untrusted_checkpoint_missing_and_truncated(tmp_path, akamaster_ckpt):
     data = akamaster_ckpt.path.read_bytes()
     bad = tmp_path / "truncated.th"
     bad.write_bytes(data[: len(data) // 2])
-    with pytest.raises(ValueError, match="truncated or corrupt"):
+    with pytest.raises(ValueError, match="truncated, corrupt or not a checkpoint"):
         load_untrusted_checkpoint(bad)
 
 

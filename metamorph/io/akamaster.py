@@ -22,20 +22,27 @@ from metamorph.models.resnet_cifar import (
 AKAMASTER_ALLOWED_GLOBALS: list = []
 
 
-def load_untrusted_checkpoint(path: str | os.PathLike) -> dict:
-    """``torch.load`` with ``weights_only=True`` and an explicit allow-list; never runs code."""
+def load_untrusted_checkpoint(
+    path: str | os.PathLike, map_location: str | torch.device = "cpu"
+) -> dict:
+    """``torch.load`` with ``weights_only=True`` and an explicit allow-list; never runs code.
+
+    The one reader of pickled checkpoints (foreign ones and Lightning's): a missing file, objects
+    outside the allow-list and truncated or corrupt data are clear errors."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"checkpoint {path} not found")
     try:
         with torch.serialization.safe_globals(AKAMASTER_ALLOWED_GLOBALS):
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+            obj = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
-        raise ValueError(
-            f"{path} needs objects outside the weights-only allow-list and was not loaded: {e}"
-        ) from e
-    except (RuntimeError, EOFError, zipfile.BadZipFile) as e:
-        raise ValueError(f"{path} is truncated or corrupt and could not be read: {e}") from e
+        if "global" in str(e).lower():  # a class or function the file wants to run
+            raise ValueError(
+                f"{path} needs objects outside the weights-only allow-list and was not loaded: {e}"
+            ) from e
+        raise ValueError(f"{path} is truncated, corrupt or not a checkpoint: {e}") from e
+    except (RuntimeError, EOFError, zipfile.BadZipFile, KeyError, ValueError, OSError) as e:
+        raise ValueError(f"{path} is truncated, corrupt or not a checkpoint: {e}") from e
     return obj
 
 

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from metamorph.io.akamaster import load_untrusted_checkpoint
 from metamorph.io.atomic import atomic_path
 
 
@@ -32,8 +33,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if not path.exists():
             raise FileNotFoundError(f"checkpoint {path} not found; check ckpt_path")
         try:
-            return torch.load(path, map_location=map_location or "cpu", weights_only=True)
-        except Exception as e:  # noqa: BLE001 - re-raised with a clear message
+            return load_untrusted_checkpoint(path, map_location or "cpu")
+        except ValueError as e:
             raise ValueError(
                 f"checkpoint {path} could not be loaded safely (corrupt or foreign?): {e}"
             ) from e

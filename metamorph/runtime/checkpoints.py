@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
-import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +21,7 @@ from typing import Any
 
 import torch
 
+from metamorph.io.akamaster import load_untrusted_checkpoint
 from metamorph.runtime.registry import Registry
 
 KIND_KEY = "kind"
@@ -88,19 +87,7 @@ def read_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     key = _stat_key(p, map_location)
     if _once is not None and key in _once:
         return _once[key]
-    from metamorph.io.akamaster import AKAMASTER_ALLOWED_GLOBALS
-
-    try:
-        with torch.serialization.safe_globals(AKAMASTER_ALLOWED_GLOBALS):
-            obj = torch.load(p, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as e:
-        if "global" in str(e).lower():
-            raise ValueError(
-                f"{p} needs objects outside the weights-only allow-list and was not loaded: {e}"
-            ) from e
-        raise ValueError(f"{p} is truncated, corrupt or not a checkpoint: {e}") from e
-    except (RuntimeError, EOFError, zipfile.BadZipFile, KeyError, ValueError, OSError) as e:
-        raise ValueError(f"{p} is truncated, corrupt or not a checkpoint: {e}") from e
+    obj = load_untrusted_checkpoint(p, map_location)
     if _once is not None:
         _once[key] = obj
     return obj
