@@ -33,6 +33,7 @@ from metamorph.hypernet.evaluate import (
 from metamorph.hypernet.metanet import MetaResNet, Shape
 from metamorph.models.folding import fold_batchnorm
 from metamorph.models.resnet_cifar import CifarResNet
+from metamorph.models.subnet import as_hidden, as_lists
 from metamorph.runtime.checkpoints import checkpoint_kind, load_checkpoint
 from metamorph.utils.profile import count_flops
 
@@ -92,21 +93,7 @@ def parse_hidden(value) -> Shape:
             value = yaml.safe_load(text)
         except yaml.YAMLError as e:
             raise ValueError(f"hidden={text!r} is not a JSON/YAML list of lists ({e})") from e
-    ok = isinstance(value, (list, tuple)) and all(isinstance(s, (list, tuple)) for s in value)
-    if not ok:
-        raise ValueError(
-            f"hidden={value!r} must be a list of lists of widths, one list per stage, "
-            "e.g. [[16,16,16],[32,32,32],[64,64,32]]"
-        )
-    shape = []
-    for s, stage in enumerate(value):
-        row = []
-        for b, w in enumerate(stage):
-            if isinstance(w, bool) or not isinstance(w, (int, float)) or int(w) != w:
-                raise ValueError(f"width {w!r} of layer{s + 1}.{b} is not an integer")
-            row.append(int(w))
-        shape.append(row)
-    return shape
+    return as_lists(as_hidden(value, prefix="hidden="))
 
 
 def parse_gamma(value) -> float:

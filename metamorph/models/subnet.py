@@ -136,12 +136,13 @@ class SubnetFamily:
 # ------------------------------------------------------------------------------------------
 
 
-def as_hidden(desc) -> Hidden:
-    """A ``hidden`` descriptor (list/tuple of per-stage lists of integer widths) as tuples."""
+def as_hidden(desc, prefix: str = "shape ") -> Hidden:
+    """A ``hidden`` descriptor (list/tuple of per-stage lists of integer widths) as tuples;
+    ``prefix`` starts the error message (``"hidden="`` names a config key)."""
     ok = isinstance(desc, (list, tuple)) and all(isinstance(s, (list, tuple)) for s in desc)
     if not ok:
         raise ValueError(
-            f"shape {desc!r} must be a list of lists of widths, one list per stage, "
+            f"{prefix}{desc!r} must be a list of lists of widths, one list per stage, "
             "e.g. [[16,16,16],[32,32,32],[64,64,32]]"
         )
     out = []
