@@ -3,7 +3,7 @@
 Each experiment file's ``# was: <old name> [overrides]`` header names the file it replaced. This
 script composes the old name from the configs of an earlier commit and the new name from the
 current ``metamorph/conf``, with the same fixed paths, and compares the two configs key by key
-(unresolved, so interpolations must match as written; plus ``hydra.run`` / ``hydra.sweep``).
+as written (interpolations unresolved, plus ``hydra.run`` / ``hydra.sweep``) and resolved.
 
     python scripts/check_experiment_renames.py                 # old experiment files, current groups
     python scripts/check_experiment_renames.py --whole-tree    # the old commit's whole conf/
@@ -25,7 +25,7 @@ import tempfile
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
+from omegaconf import OmegaConf, open_dict
 
 from metamorph.config.experiments import GROUPS, list_experiments
 from metamorph.config.locations import CONF_DIR
@@ -52,12 +52,19 @@ def old_conf(commit: str, dest: Path, whole_tree: bool) -> Path:
 
 
 def composed(conf: Path, primary: str, overrides: list[str]) -> dict:
+    """The composed config as written (interpolations unresolved) and resolved."""
     with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
         cfg = compose(primary, overrides=PATHS + overrides, return_hydra_config=True)
     out = OmegaConf.to_container(cfg, resolve=False)
     hydra = out.pop("hydra")
     out["hydra"] = {"run": hydra["run"], "sweep": hydra["sweep"]}
-    return out
+    with open_dict(cfg):
+        del cfg["hydra"]
+    try:
+        resolved = OmegaConf.to_container(cfg, resolve=True)
+    except Exception as err:  # noqa: BLE001 - an unresolvable config compares by its error
+        resolved = f"unresolvable: {err}"
+    return {"as_written": out, "resolved": resolved}
 
 
 def differences(a, b, prefix: str = "") -> list[str]:
