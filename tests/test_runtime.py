@@ -194,3 +194,14 @@ def test_registry_refuses_a_second_entry_of_the_same_name():
     reg.register("a", object())
     with pytest.raises(ValueError, match="thing 'a' is already registered"):
         reg.register("a", object())
+
+
+def test_task_individual_is_pretrain_under_its_own_name(isolated_env):
+    from metamorph.baselines.individual import run_individual
+
+    exp = "experiment=baselines/recipe/individual_resnet20_cifar10_cpu"
+    new = compose_config("train", isolated_env, [exp, "task=individual"])
+    old = compose_config("train", isolated_env, [exp])
+    assert new.task.name == "individual" and old.task.name == "pretrain"
+    assert {**new.task, "name": "pretrain"} == dict(old.task)
+    assert rt.get_task(new.task.name) is run_individual

@@ -7,11 +7,12 @@ Two ways to get one:
   (:func:`metamorph.tasks.classifier.run_pretrain`, whose ``model.init`` points at the pruned
   file), as the registered task ``individual``::
 
-      metamorph-train experiment=baselines/recipe/individual_resnet20_cifar10_cpu task.name=individual \\
+      metamorph-train experiment=baselines/recipe/individual_resnet20_cifar10_cpu task=individual \\
           individual.gamma=0.25 data.root=../shared/data/cifar10-jpeg
 
-  (``python -m metamorph.baselines.individual`` with the same arguments minus ``task.name`` is
-  the older spelling and does the same.)
+  (``task=individual`` is ``task=pretrain`` under its own name; ``python -m
+  metamorph.baselines.individual`` with the same arguments minus ``task=`` is the older spelling
+  and does the same.)
 
   The experiment's ``model.init`` is ``${individual.pruned}.json``, so once the pruned file exists
   ``metamorph-train experiment=baselines/recipe/individual_resnet20_cifar10_cpu individual.gamma=0.25`` runs the
@@ -103,7 +104,7 @@ def prune_for_individual(cfg: DictConfig) -> tuple[Path, dict]:
 def run_individual(cfg: DictConfig) -> dict:
     """Prune, then fine-tune the pruned network with the ``pretrain`` task (its ``task.optim`` /
     ``task.scheduler``); writes ``summary.json``. Run as ``metamorph-train
-    experiment=<individual experiment> task.name=individual``."""
+    experiment=<individual experiment> task=individual``."""
     if cfg.task.name not in ("pretrain", "individual"):
         raise ValueError(
             f"the individual baseline fine-tunes with task=pretrain, not {cfg.task.name}"
@@ -125,7 +126,7 @@ def run_individual(cfg: DictConfig) -> dict:
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
 def main(cfg: DictConfig) -> float | None:
     """``python -m metamorph.baselines.individual``: the older spelling of ``metamorph-train ...
-    task.name=individual``, kept because the results docs quote it."""
+    task=individual``, kept because the results docs quote it."""
     summary = run_individual(cfg)
     report(summary)
     return summary.get("val/acc")
