@@ -1,7 +1,8 @@
 """The search-method registry: ``search.method`` -> the object that runs its search phases.
 
-A search method (:class:`SearchMethod`) loads what it searches over from the config
-(``load_source``) and runs its phases on a search set (``run_phases``); :mod:`metamorph.search`'s
+A search method (:class:`SearchMethod`) checks its settings (``validate``), loads what it
+searches over from the config (``load_source``) and runs its phases on a search set
+(``run_phases``); :mod:`metamorph.search`'s
 pipeline does the shared rest (CSV, front models, baselines, plot). Registered where it is
 defined, e.g. ``@register_search_method("genecai")`` in :mod:`metamorph.search.methods`.
 """
@@ -15,6 +16,9 @@ from metamorph.runtime.registry import Registry
 
 
 class SearchMethod(Protocol):
+    def validate(self, scfg) -> None:
+        """Refuse settings of the ``search`` group this method cannot run (phases, baseline)."""
+
     def load_source(self, cfg) -> Any:
         """What the method searches over (a network, a metamorphic module), from the run config.
         The object has ``arch`` (its :class:`~metamorph.models.ResNetArch`) and ``label``."""
