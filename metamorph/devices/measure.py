@@ -155,10 +155,13 @@ def _blocked(fn: Callable[[], None], warmup: int, min_run_time: float, sync=None
     for _ in range(warmup):
         fn()
     sync()
-    t0 = time.perf_counter()
-    fn()
-    sync()
-    one = max(time.perf_counter() - t0, 1e-7)
+    singles = []
+    for _ in range(3):  # block size from the median of three single calls
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        singles.append(time.perf_counter() - t0)
+    one = max(statistics.median(singles), 1e-7)
     calls = max(1, int(min_run_time * 0.05 / one))
     times, total = [], 0.0
     while total < min_run_time or len(times) < 5:
@@ -195,7 +198,7 @@ def _time_torch_cpu(module: nn.Module, x, p: DeviceProfile, min_run_time: float)
         for _ in range(p.warmup):
             module(*xs)
         timer = Timer("module(*xs)", globals={"module": module, "xs": xs}, num_threads=p.threads)
-        one = max(timer.timeit(1).median, 1e-7)
+        one = max(statistics.median(timer.timeit(1).median for _ in range(3)), 1e-7)
         calls = max(1, int(min_run_time * 0.05 / one))
         times, total = [], 0.0
         while total < min_run_time or len(times) < 5:  # blocks as in _blocked
