@@ -289,3 +289,20 @@ def test_task_config_reads_the_new_keys(tmp_path):
     bad = compose_config("train", tmp_path, ["task=metamorph", "+task.compile.modee=default"])
     with pytest.raises(ValueError, match="task.compile"):
         metamorph_config(bad)
+
+
+def test_step_ratio_benchmark_and_contention_job():
+    from metamorph.cli.bench_steps import Contention, step_ratios
+
+    tiny = INRConfig(hidden=8, layers=2, freqs=2)
+    cpu = torch.device("cpu")
+    out = step_ratios([("resnet20", "last_block")], ["eager", "axis"], 2, cpu, 1, 0, print, tiny)
+    assert set(out) == {"resnet20/last_block/eager", "resnet20/last_block/axis"}
+    for r in out.values():
+        assert r["metamorph_ms"] > 0 and r["plain_ms"] > 0
+        assert r["ratio"] == pytest.approx(r["metamorph_ms"] / r["plain_ms"], rel=0.02)
+    with pytest.raises(ValueError, match="step variants"):
+        step_ratios([("resnet20", "full")], ["fast"], 2, cpu, 1, 0)
+    with Contention(1) as job:
+        assert job.proc.is_alive()
+    assert not job.proc.is_alive()

@@ -383,6 +383,23 @@ def estimate_seconds(cfg: DictConfig, nets: dict, device: torch.device, k_values
 
 
 def run(cfg: DictConfig, log=print) -> dict:
+    """The benchmark; with ``contention=true`` all of it runs beside a second job (a
+    ``contention_threads``-thread matmul loop in another process)."""
+    if cfg.get("contention"):
+        from metamorph.cli.bench_steps import Contention
+
+        n = int(cfg.get("contention_threads", 2))
+        if n < 1:
+            raise ValueError(f"contention_threads={n} must be at least 1")
+        log(f"[metamorph-bench] beside a second job: a {n}-thread fp32 matmul loop")
+        with Contention(n):
+            s = _run(cfg, log)
+        s["contention"] = {"job": f"{n}-thread 1024^3 fp32 matmul loop, another process"}
+        return s
+    return _run(cfg, log)
+
+
+def _run(cfg: DictConfig, log=print) -> dict:
     t0 = time.time()
     threads = int(cfg.threads) if cfg.threads else torch.get_num_threads()
     if threads < 1:
@@ -506,6 +523,23 @@ def run(cfg: DictConfig, log=print) -> dict:
             )
     if cfg.memory:
         summary["memory_method"] = MEMORY_METHOD_CPU if device.type == "cpu" else MEMORY_METHOD_CUDA
+    if cfg.get("step_ratios"):
+        from metamorph.cli.bench_steps import step_ratios
+
+        log(
+            "  (d) metamorphic / plain training step (training_step + AdamW + EMA; NeuMeta's last "
+            "block and the full network, INR 256 x 4 x 16)"
+        )
+        cases = [("resnet20", "last_block")] + [(str(m), "full") for m in cfg.models]
+        summary["step_ratios"] = step_ratios(
+            cases,
+            [str(v) for v in cfg.step_variants],
+            int(cfg.batch_size),
+            device,
+            int(cfg.train_repeats),
+            warmup,
+            log,
+        )
     summary["time_s"] = round(time.time() - t0, 1)
     return summary
 

@@ -14,10 +14,9 @@ import json
 import sys
 from pathlib import Path
 
-import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from metamorph.config.locations import CONF_DIR
+from metamorph.cli.entry import entry_point
 from metamorph.devices import (
     DeviceUnavailable,
     LatencyPredictor,
@@ -31,7 +30,6 @@ from metamorph.devices import (
 from metamorph.runtime.summary import print_summary
 
 COMMANDS = ("measure", "lut")
-USER_ERRORS = (ValueError, FileNotFoundError, PermissionError, IsADirectoryError)
 
 
 def _container(v):
@@ -185,13 +183,13 @@ def run(cfg: DictConfig) -> dict:
     return run_lut(cfg) if command == "lut" else run_measure(cfg)
 
 
-@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="profile")
+@entry_point(
+    "metamorph-profile",
+    "profile",
+    extra_errors=(ProfileError, DeviceUnavailable, MachineMismatch),
+)
 def _main(cfg: DictConfig) -> None:
-    try:
-        s = run(cfg)
-    except (ProfileError, DeviceUnavailable, MachineMismatch, *USER_ERRORS) as e:
-        print(f"metamorph-profile: error: {e}", file=sys.stderr, flush=True)
-        sys.exit(2)
+    s = run(cfg)  # the user's errors: one line, exit status 2 (metamorph.cli.entry)
     (report_lut if str(cfg.command) == "lut" else report_measure)(s)
     print_summary(s)
 
