@@ -60,7 +60,7 @@ def metamorphic_points(opts: SweepOptions, ctx) -> Found:
     for p in pts:
         net.check_shape(p.hidden)
     ref = None if calib is None else reference_stats_for(module, calib, k=k, seed=ctx.seed)
-    series = {"g": "width", "d": "depth", "w": "wider"}
+    series = {"g": "width", "d": "depth", "x": "wider"}  # label prefixes of sweep_points
 
     def candidates():
         for p in pts:
