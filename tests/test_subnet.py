@@ -13,6 +13,7 @@ from conftest import TINY_DATA, compose_config
 
 import metamorph
 import metamorph.hypernet.metanet  # noqa: F401  (each import registers its families)
+import metamorph.methods.nnfactory  # noqa: F401
 import metamorph.search  # noqa: F401
 from metamorph.baselines.slimmable import SlimmableConfig, SlimmableResNet
 from metamorph.cli import evaluate
@@ -34,6 +35,7 @@ BAD = {
     "metamorphic_search": ([[4], [8], [1]], r"width 1 of layer3\.0 .*range 4\.\.8"),
     "pruned": ([[4], [8, 8], [8]], r"stage 2 keeps 2 blocks; allowed only 1"),
     "lowrank": ([(8, 8)], r"one \(r_in, r_out\) pair per decomposable conv \(\d+: \["),
+    "nnfactory": ([1, 0, 1], r"mask has 3 entries; the supernet has 15 modules"),
 }
 
 

@@ -23,6 +23,8 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "metamorph.compare.sources.metamorphic",  # comparison point source metamorphic
     "metamorph.compare.sources.slimmable",  # comparison point source slimmable
     "metamorph.compare.sources.model_files",  # point sources model_files, genecai, pruning
+    "metamorph.methods.nnfactory.task",  # tasks nnfactory_supernet / _assembler, their kinds
+    "metamorph.methods.nnfactory.customize",  # customization method nnfactory
 )
 ENTRY_POINT_GROUP = "metamorph.plugins"
 
