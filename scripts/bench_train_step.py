@@ -13,7 +13,9 @@ meaningful on a busy machine):
     heads (``batched``) and with the compiled INR trunk (``compiled``; its compiling steps are
     warm-up);
 (c) contention: (a) and the ResNet-20 full-network step again beside a second 2-thread matmul
-    job, at the chosen thread count and at one thread.
+    job, at the chosen thread count and at one thread;
+(d) FLOPs of each step (INR forward + backward, network, plain step): the ratio no step can
+    beat at equal throughput.
 
 ``--base <model file>`` runs the earlier benchmark instead (the NeuMeta CPU recipe's step with
 the frozen prefix shared or not and 1-3 shapes per step), unchanged.
@@ -115,6 +117,18 @@ def ratios_main(a) -> None:
         d = {"emission": emission(["resnet20", "resnet56"], dev, a.repeats, print)}
         d["steps"] = step_ratios(cases, variants, a.batch, dev, a.repeats, a.warmup)
         summary["devices"][str(dev)] = d
+    if not a.no_flops:  # what a step cannot beat at equal throughput
+        from metamorph.cli.bench_steps import flop_bound
+
+        summary["flops"] = {}
+        for model, scope in cases:
+            f = summary["flops"][f"{model}/{scope}"] = flop_bound(model, scope, a.batch)
+            print(
+                f"  FLOPs {model}/{scope}: INR {f['inr_gflop_query']} GFLOP (axis "
+                f"{f['inr_gflop_axis']}) + network {f['network_gflop']} vs plain "
+                f"{f['plain_gflop']}: bound {f['flop_ratio_query']}x ({f['flop_ratio_axis']}x axis)",
+                flush=True,
+            )
     if not a.no_contention:
         cpu = torch.device("cpu")
         c = {"job": "2-thread 1024^3 fp32 matmul loop, another process"}
@@ -161,6 +175,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--no-compile", action="store_true", help="skip the compiled variant")
     ap.add_argument("--no-contention", action="store_true", help="skip the contention mode")
+    ap.add_argument("--no-flops", action="store_true", help="skip the FLOP count of each step")
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)

@@ -8,6 +8,7 @@ import copy
 import pytest
 import torch
 from test_hypernet import folded_resnet20
+from test_metamorph_task import base_run, workdir  # noqa: F401, F811  (module-scoped fixtures)
 from test_shared_prefix import _images, _module, _step
 
 from metamorph.hypernet.compiled import CompileConfig
@@ -291,6 +292,7 @@ def test_task_config_reads_the_new_keys(tmp_path):
         metamorph_config(bad)
 
 
+@pytest.mark.slow
 def test_step_ratio_benchmark_and_contention_job():
     from metamorph.cli.bench_steps import Contention, step_ratios
 
@@ -306,3 +308,29 @@ def test_step_ratio_benchmark_and_contention_job():
     with Contention(1) as job:
         assert job.proc.is_alive()
     assert not job.proc.is_alive()
+
+
+@pytest.mark.slow
+def test_metamorph_train_with_the_compiled_trunk(workdir, base_run):  # noqa: F811
+    """``task.compile.enabled=true`` through metamorph-train (graph capture backend: fast);
+    ``reduce-overhead`` on a CPU stops with the reason before training."""
+    from test_metamorph_task import compose_cfg, metamorph_overrides
+
+    from metamorph.cli.train import run
+
+    over = metamorph_overrides(
+        base_run["base"],
+        "task.compile.enabled=true",
+        "task.compile.backend=aot_eager",
+        "task.log_every_n_steps=2",
+        "+trainer.limit_train_batches=2",
+        "trainer.max_epochs=1",
+        "logger=none",
+    )
+    summary = run(compose_cfg(workdir, workdir / "compiled", over))
+    assert summary["checkpoint"]
+    bad = metamorph_overrides(
+        base_run["base"], "task.compile.enabled=true", "task.compile.mode=reduce-overhead"
+    )
+    with pytest.raises(ValueError, match="reduce-overhead records CUDA graphs"):
+        run(compose_cfg(workdir, workdir / "compiled_bad", [*bad, "logger=none"]))

@@ -203,3 +203,39 @@ def step_ratios(
                 f"-> {t_meta / t_plain:.2f}x"
             )
     return out
+
+
+def flop_bound(model: str, scope: str, batch: int, inr: INRConfig | None = None) -> dict:
+    """FLOPs of one step (``FlopCounterMode``, CPU): the INR's emission forward + backward (per
+    query and per row/column noise), the network on the emitted tensors, and the plain step;
+    ``flop_ratio_*`` is the metamorphic / plain ratio a step cannot beat at equal throughput."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    blocks, scope_inr = SCOPES[scope]
+    base = create_model(model).eval()
+    fold_batchnorm(base)
+    net = MetaResNet(base, MetaSpec(blocks=list(blocks)), inr or scope_inr)
+    x, y = _batch(batch, torch.device("cpu"))
+    full = net.full_shape
+    res = {}
+    for mode in ("query", "axis"):
+        g = torch.Generator().manual_seed(0)
+        with FlopCounterMode(display=False) as fc:
+            e = net.emit_many([full], noise=1.0, generator=g, noise_mode=mode)[0]
+            sum(v.sum() for v in e.values()).backward()
+        res[f"inr_gflop_{mode}"] = round(fc.get_total_flops() / 1e9, 2)
+    with torch.no_grad():
+        e = {k: v.requires_grad_(True) for k, v in net.emit(full).items()}
+    start = net.frozen_prefix() if scope == "last_block" else None
+    with FlopCounterMode(display=False) as fc:
+        inp = x if not start else net.prefix_features(x, start)
+        F.cross_entropy(net(inp, full, e, start=start), y).backward()
+    res["network_gflop"] = round(fc.get_total_flops() / 1e9, 2)
+    plain = CifarResNet(ResNetArch.from_dict(create_model(model).arch.to_dict())).train()
+    with FlopCounterMode(display=False) as fc:
+        F.cross_entropy(plain(x), y).backward()
+    res["plain_gflop"] = round(fc.get_total_flops() / 1e9, 2)
+    for mode in ("query", "axis"):
+        total = res[f"inr_gflop_{mode}"] + res["network_gflop"]
+        res[f"flop_ratio_{mode}"] = round(total / res["plain_gflop"], 3)
+    return res
