@@ -352,3 +352,32 @@ def test_a_budget_every_candidate_measures_over_raises(trained, tmp_path, monkey
     with pytest.raises(BudgetError, match=r"measured end to end, all over budget"):
         _customize(trained, tmp_path, "classes=[cat,dog]", "budget.max_latency_ms=2.0")
     assert not (tmp_path / "out").exists()
+
+
+def test_console_script_takes_task_and_fails_in_one_line(trained, tmp_path):
+    import subprocess
+    import sys
+
+    _, _, s2 = trained
+    out = tmp_path / "cli" / "m"
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "metamorph.cli.customize",
+            "method=nnfactory",
+            f"nnfactory.factory={s2['factory']}",
+            "task=[cat]",
+            "budget.max_flops=1e9",
+            f"out={out}",
+            *TINY_DATA,
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.strip().splitlines()[-1] == (
+        "metamorph-customize: error: a task has 2 to 5 classes; got 1 (cat)"
+    )
+    assert not (tmp_path / "cli").exists()
