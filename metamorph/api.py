@@ -3,7 +3,7 @@
 >>> mm = metamorph.load_metamorphic("outputs/quickstart/metamorph/metamorph.ckpt")
 >>> net = mm.sample(gamma=0.5)                               # uniform compression ratio
 >>> net = mm.sample(hidden=[[16, 16, 16], [32, 32, 32], [64, 64, 40]])
->>> net = mm.sample(budget={"max_flops": 60e6}, data="embedded:cifar10-mini")
+>>> net = mm.sample(budget={"max_flops": 75e6}, data="../shared/data/cifar10-jpeg")
 >>> rows = mm.sweep(gammas=[0, 0.25, 0.5], data="embedded:cifar10-mini")
 
 It wraps the code behind ``metamorph-sample`` / ``metamorph-eval`` (:mod:`metamorph.export`), so a
@@ -89,12 +89,14 @@ class Metamorphic:
         seed: int = 0,
         split: str = "val",
         val_subset: int = 1000,
-        device: str = "cpu",
+        eval_device: str = "cpu",
     ) -> nn.Module:
         """A standalone network at one target: ``gamma`` (with optional ``depth``), ``hidden``,
         or ``budget`` (a :class:`~metamorph.export.sample.Budget` or a dict of its fields, e.g.
-        ``{"max_flops": 60e6}``: the most accurate candidate shape within it on ``val_subset``
-        images of ``split`` of ``data``). ``data``: a data root (``"embedded:cifar10-mini"``, a
+        ``{"max_flops": 75e6}``, ``{"max_latency_ms": 1.0, "device": "cpu1_b1"}``: the most
+        accurate candidate shape within it on ``val_subset`` images of ``split`` of ``data``,
+        evaluated on ``eval_device``; latency and memory are measured on the budget's device
+        profile, :mod:`metamorph.devices`). ``data``: a data root (``"embedded:cifar10-mini"``, a
         folder) or a :class:`~metamorph.data.CIFARDataModule`. The network's ``meta`` says how it
         was chosen."""
         from metamorph.export.sample import materialize
@@ -104,7 +106,7 @@ class Metamorphic:
         if len(given) != 1:
             raise ValueError(
                 "give exactly one target: sample(gamma=0.5), sample(hidden=[[...], ...]) or "
-                f"sample(budget={{'max_flops': 60e6}}, data=...); got {given or 'none'}"
+                f"sample(budget={{'max_flops': 75e6}}, data=...); got {given or 'none'}"
             )
         k = self.k if k is None else int(k)
         if k < 1:
@@ -113,7 +115,7 @@ class Metamorphic:
         if budget is not None:
             if depth is not None:
                 raise ValueError("depth= applies only with gamma=; a budget searches depths itself")
-            shape, chosen = self._select(budget, data, k, seed, split, val_subset, device)
+            shape, chosen = self._select(budget, data, k, seed, split, val_subset, eval_device)
             meta.update(target="budget", chosen=chosen.label, val_acc=chosen.acc)
         else:
             shape = self.shape(gamma=gamma, hidden=hidden, depth=depth)
@@ -139,8 +141,8 @@ class Metamorphic:
         )
         from metamorph.runtime.device import resolve_device
 
-        if isinstance(budget, dict):
-            budget = Budget(**budget)
+        if isinstance(budget, dict):  # e.g. {"max_latency_ms": 1.0, "device": "ort_cpu1_b1"}
+            budget = Budget.from_dict(dict(budget))
         if data is None:
             raise ValueError(
                 "a budget ranks candidate shapes by accuracy, so it needs data: "

@@ -73,6 +73,7 @@ class NNFactoryCustomizeConfig:
         default_factory=lambda: [round(0.05 * i, 2) for i in range(19)]
     )  # the sparsity grid searched (0 .. 0.9)
     candidates: int = 3  # masks per sparsity: G's own plus Gumbel-perturbed ones
+    rank_top: int = 6  # feasible candidates ranked on the proxy set: the least sparse ones (0: all)
     proxy_images: int = 256  # task images that rank the feasible candidates
     proxy_split: str = "val"  # where the proxy images come from (never the test split's)
     eval_test: bool = True  # also report the chosen model's test accuracy on the task (untimed)
