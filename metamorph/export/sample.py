@@ -25,15 +25,14 @@ from metamorph.devices.budget import Budget, Option
 from metamorph.devices.measure import Measurement
 from metamorph.export.plots import gamma_label
 from metamorph.hypernet.evaluate import (
-    accuracy_at,
-    count_shape_params,
     is_seen,
     random_shapes,
 )
 from metamorph.hypernet.metanet import MetaResNet, Shape
 from metamorph.models.folding import fold_batchnorm
+from metamorph.models.metrics import top1
 from metamorph.models.resnet_cifar import CifarResNet
-from metamorph.models.subnet import as_hidden, as_lists
+from metamorph.models.subnet import as_family, as_hidden, as_lists
 from metamorph.runtime.checkpoints import checkpoint_kind, load_checkpoint
 from metamorph.utils.profile import count_flops
 
@@ -396,20 +395,20 @@ def select_for_budget(
     from metamorph.devices import LatencyPredictor, estimate_memory, measure_model
     from metamorph.devices import select_within_budget as select
 
-    net: MetaResNet = module.net
+    family = as_family(module, k=k, seed=seed)
     log = log or (lambda s: None)
     batches = list(batches)
     profile = budget.profile if budget.needs_device else None
     for c in candidates:
-        c.params = count_shape_params(net, c.hidden)
-        c.flops = shape_flops(net, c.hidden)
+        cost = family.costs(c.hidden)
+        c.params, c.flops = cost["params"], cost["flops"]
         c.memory_mb = c.predicted_latency_ms = c.measured = c.acc = None
     options = [Option(c.label, c, params=c.params, flops=c.flops) for c in candidates]
     if budget.max_latency_ms is not None:
         predictor = predictor or LatencyPredictor(profile, log=log)
         if hasattr(predictor, "ensure"):  # measure the table's missing entries in one go
             cheap = [
-                deployed_arch(net, c.hidden)
+                deployed_arch(family, c.hidden)
                 for c in candidates
                 if (budget.max_params is None or c.params <= budget.max_params)
                 and (budget.max_flops is None or c.flops <= budget.max_flops)
@@ -417,11 +416,13 @@ def select_for_budget(
             predictor.ensure(cheap)
 
     def memory(o: Option) -> float:
-        est = estimate_memory(CifarResNet(deployed_arch(net, o.item.hidden)), profile.input_shape)
+        est = estimate_memory(
+            CifarResNet(deployed_arch(family, o.item.hidden)), profile.input_shape
+        )
         return est.peak_mb
 
     def predict(o: Option) -> float:
-        return predictor.predict(deployed_arch(net, o.item.hidden))
+        return predictor.predict(deployed_arch(family, o.item.hidden))
 
     def score(within: list[Option]) -> None:
         log(
@@ -430,13 +431,15 @@ def select_for_budget(
         )
         t0 = time.perf_counter()
         for i, o in enumerate(within, 1):
-            emitted = module.emit_eval(o.item.hidden, k=k, seed=seed)
-            o.score = o.item.acc = accuracy_at(net, emitted, o.item.hidden, batches)
+            o.score = o.item.acc = top1(family.forward_fn(o.item.hidden), batches)
             left = (time.perf_counter() - t0) / i * (len(within) - i)
             log(f"    [{i}/{len(within)}] {o.label:<10} {o.item.acc:6.2f}%  (~{left:.0f} s left)")
 
     def measure_option(o: Option) -> Measurement:
-        model = materialize(module, o.item.hidden, k=k, seed=seed).cpu()
+        if hasattr(module, "emit_eval"):  # kept BatchNorm folded for deployment
+            model = materialize(module, o.item.hidden, k=k, seed=seed).cpu()
+        else:
+            model = family.materialize(o.item.hidden).cpu()
         log(f"  measuring {o.label} end to end on {profile.name}")
         return (measure or (lambda m: measure_model(m, profile)))(model)
 

@@ -32,7 +32,7 @@ from metamorph.hypernet.evaluate import (
     random_shapes,
     sweep_points,
 )
-from metamorph.models.subnet import SingleNetwork, SubnetFamily, as_lists
+from metamorph.models.subnet import as_family, as_lists
 
 CSV_FIELDS = [
     "label",
@@ -152,19 +152,6 @@ def read_baselines(specs) -> list[Baseline]:
 # ----------------------------------------------------------------------------------------------
 # The sweep
 # ----------------------------------------------------------------------------------------------
-
-
-def as_family(source, k: int | None = None, seed: int = 0, data=None) -> SubnetFamily:
-    """The sub-network family of a loaded source: a checkpoint object that names its own
-    (``subnet_family(k=, seed=, data=)``: metamorphic, slimmable), a family, or a plain
-    network (a family of one)."""
-    if hasattr(source, "subnet_family"):
-        return source.subnet_family(k=k, seed=seed, data=data)
-    if isinstance(source, SubnetFamily):
-        return source
-    if isinstance(source, torch.nn.Module):
-        return SingleNetwork(source)
-    raise TypeError(f"{type(source).__name__} is not a sub-network family or a network")
 
 
 def run_sweep(

@@ -401,11 +401,25 @@ class SingleNetwork(SubnetFamily):
         return cls(CifarResNet(arch).eval())
 
 
+def as_family(source, k: int | None = None, seed: int = 0, data=None) -> SubnetFamily:
+    """The sub-network family of a loaded source: an object that names its own
+    (``subnet_family(k=, seed=, data=)``: a metamorphic or slimmable checkpoint's module), a
+    family, or a plain network (a family of one)."""
+    if hasattr(source, "subnet_family"):
+        return source.subnet_family(k=k, seed=seed, data=data)
+    if isinstance(source, SubnetFamily):
+        return source
+    if isinstance(source, nn.Module):
+        return SingleNetwork(source)
+    raise TypeError(f"{type(source).__name__} is not a sub-network family or a network")
+
+
 __all__ = [
     "Hidden",
     "ResNetWidths",
     "SingleNetwork",
     "SubnetFamily",
+    "as_family",
     "as_hidden",
     "as_lists",
     "check_hidden",
