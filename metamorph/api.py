@@ -167,7 +167,9 @@ class Metamorphic:
             dm = data
         elif isinstance(data, (str, os.PathLike)):
             name = {10: "cifar10", 100: "cifar100"}.get(arch.num_classes, "cifar10")
-            dm = CIFARDataModule(root=str(data), name=name, seed=int(seed))
+            # the embedded 5,000-image subset keeps 500 for validation, as conf/data/cifar10_mini
+            val = {"val_size": 500} if str(data).startswith("embedded:") else {}
+            dm = CIFARDataModule(root=str(data), name=name, seed=int(seed), **val)
         else:
             raise ValueError(
                 f"data={data!r}: give a data root (e.g. 'embedded:cifar10-mini' or "

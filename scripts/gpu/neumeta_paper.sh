@@ -34,7 +34,7 @@ if [ "${1:-}" = "wheels" ]; then  # on the CPU box: the packages the GPU image l
   mkdir -p outputs/whl
   plat=(--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform any)
   python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-    "${plat[@]}" -d outputs/whl hydra-core==1.3.2 omegaconf==2.3.0 fast_tsp==0.2.2 PyYAML
+    "${plat[@]}" -d outputs/whl hydra-core==1.3.2 omegaconf==2.3.0 fast_tsp==0.2.2
   # antlr4 4.9.3 (what omegaconf 2.3 pins) ships as a source archive only: build its wheel here
   python3 -m pip wheel -q --no-deps -w outputs/whl antlr4-python3-runtime==4.9.3
   ls -la outputs/whl
