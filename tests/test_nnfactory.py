@@ -383,3 +383,22 @@ def test_console_script_takes_task_and_fails_in_one_line(trained, tmp_path):
         "metamorph-customize: error: a task has 2 to 5 classes; got 1 (cat)"
     )
     assert not (tmp_path / "cli").exists()
+
+
+def test_supernet_stage_resumes_from_last_ckpt(tmp_path):
+    args = [
+        *[a for a in SHORT if "limit_train_batches" not in a and "max_epochs" not in a],
+        "task=nnfactory_supernet",
+        "task.groups=2",
+        "trainer.max_epochs=10",
+        "callbacks.last_checkpoint.every_n_train_steps=1",
+        "test=false",
+    ]
+    first = train.run(compose_config("train", tmp_path, [*args, "trainer.max_steps=2"]))
+    assert first["global_step"] == 2
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    assert checkpoint_kind(last) == "nnfactory_supernet"
+    resumed = train.run(
+        compose_config("train", tmp_path, [*args, "trainer.max_steps=4", f"ckpt_path={last}"])
+    )
+    assert resumed["global_step"] == 4 and resumed["unseen_tasks_trained"] == 0
