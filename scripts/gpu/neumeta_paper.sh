@@ -94,6 +94,7 @@ ap.add_argument("--device"); ap.add_argument("--batch", type=int); ap.add_argume
 ap.add_argument("--warm", type=int, default=5); ap.add_argument("--no-compile", action="store_true")
 a = ap.parse_args()
 dev = torch.device(a.device)
+torch.set_float32_matmul_precision("high")  # TF32 on a GPU, as metamorph-train sets it
 paper = INRConfig(hidden=512, layers=8, freqs=32)
 def rate(step, warm):
     for _ in range(warm): step()
