@@ -16,10 +16,12 @@ from metamorph.compare.points import MissingPoints
 from metamorph.compare.registry import Candidate, Found, register_point_source
 
 
-def _descriptor(model, extra: dict | None = None) -> dict:
-    arch = model.arch
-    d = {"hidden": arch.hidden}
-    lowrank = getattr(arch, "lowrank", None)
+def _descriptor(model, path: Path, extra: dict | None = None) -> dict:
+    """Hidden widths, and the Tucker-2 ranks of a low-rank model file (kept in its JSON)."""
+    from metamorph.io.model_file import read_model_json
+
+    d = {"hidden": model.arch.hidden}
+    lowrank = read_model_json(path).get("arch", {}).get("lowrank")
     if lowrank:
         d["lowrank"] = lowrank
     return {**d, **(extra or {})}
@@ -59,7 +61,7 @@ def model_file_points(opts: ModelFilesOptions, ctx) -> Found:
         for p in paths:
             model = _load(p)
             yield Candidate(
-                opts.series, _descriptor(model, {"file": p.stem}), model, artefact=str(p)
+                opts.series, _descriptor(model, p, {"file": p.stem}), model, artefact=str(p)
             )
 
     return Found(candidates())
@@ -104,7 +106,7 @@ def genecai_points(opts: GeneCAIOptions, ctx) -> Found:
         for series, row, p in items:
             model = _load(p)
             extra = {"name": row["name"], "flops_ratio": float(row["flops_ratio"])}
-            yield Candidate(series, _descriptor(model, extra), model, artefact=str(p))
+            yield Candidate(series, _descriptor(model, p, extra), model, artefact=str(p))
 
     return Found(candidates())
 
