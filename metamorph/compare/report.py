@@ -177,7 +177,7 @@ def plot(results: list[MethodResult], axis: str, path: Path, title: str = "") ->
     from matplotlib.lines import Line2D
 
     xlabel, xval, xerr = AXES[axis]
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(8, 4.5))
     any_unseen = False
     for i, r in enumerate(results):
         color = f"C{i % 10}"
@@ -216,9 +216,10 @@ def plot(results: list[MethodResult], axis: str, path: Path, title: str = "") ->
     ax.set_ylabel("top-1 accuracy (%)")
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
-    if handles:
-        ax.legend(handles, labels, fontsize=7, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    if handles:  # below the axes: a comparison has many series
+        ax.legend(
+            handles, labels, fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2
+        )
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
     return path
