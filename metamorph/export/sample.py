@@ -135,8 +135,26 @@ def shape_for_target(
                         "in the pretrained network)"
                     )
         shape = net.shape_for_gamma(g, depth=depth)
+    check_trained_depth(net, shape)
     net.check_shape(shape)
     return shape
+
+
+def check_trained_depth(net: MetaResNet, shape: Shape) -> None:
+    """A shape with fewer blocks than the network needs a checkpoint trained to drop blocks
+    (``task.scope.depth_choices``): its INR never learnt to serve shallower networks otherwise
+    (the network itself can run them; a user target must not get one silently)."""
+    full = [len(st) for st in net.base_arch.hidden]
+    depths = [len(st) for st in shape] if isinstance(shape, (list, tuple)) else None
+    if net.spec.depth_choices or depths is None or len(depths) != len(full) or depths == full:
+        return
+    raise ValueError(
+        f"shape {[list(st) for st in shape]} keeps {depths} blocks per stage, but this "
+        "checkpoint was trained at fixed depth (task.scope.depth_choices is empty; metamorphic "
+        f"blocks: {', '.join(net.meta_blocks)}), so it cannot drop blocks; valid depths: {full} "
+        "only (leave depth= unset), or sample from a checkpoint trained with "
+        "task.scope.depth_choices"
+    )
 
 
 # ----------------------------------------------------------------------------------------------

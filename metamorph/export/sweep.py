@@ -21,6 +21,7 @@ import torch
 
 from metamorph.export.plots import COSTS, plot_accuracy_vs_cost
 from metamorph.export.sample import (
+    check_trained_depth,
     materialize,
     reference_stats_for,
     shape_timing,
@@ -214,6 +215,8 @@ def run_sweep(
         raise ValueError("the sweep is empty: give sweep.gammas and/or sweep.depths")
     for p in pts:
         family.validate(p.hidden)
+        if isinstance(family, EmittedFamily):  # sweep.depths on a fixed-depth checkpoint
+            check_trained_depth(family.net, p.hidden)
     family.prepare([p.hidden for p in pts], recalibrate=recalibrate)
     rows = []
     ref_stats = (

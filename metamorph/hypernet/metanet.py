@@ -208,27 +208,8 @@ class MetaResNet(ResNetWidths, nn.Module):
     def width_ranges(self) -> dict[str, tuple[int, int]]:
         return {b: (1, self.max_width(b)) for b in self.meta_blocks}
 
-    def depth_floor(self) -> int | None:
-        """1 when the checkpoint was trained to drop blocks (``depth_choices``); None: fixed."""
-        return 1 if self.spec.depth_choices else None
-
-    def validate(self, desc):
-        full = [len(st) for st in self.base_arch.hidden]
-        if (
-            not self.spec.depth_choices
-            and isinstance(desc, (list, tuple))
-            and len(desc) == len(full)
-            and all(isinstance(st, (list, tuple)) for st in desc)
-            and [len(st) for st in desc] != full
-        ):
-            raise ValueError(
-                f"shape {[list(st) for st in desc]} keeps {[len(st) for st in desc]} blocks per "
-                f"stage, but this checkpoint was trained at fixed depth (task.scope.depth_choices "
-                f"is empty; metamorphic blocks: {', '.join(self.meta_blocks)}), so it cannot drop "
-                f"blocks; valid depths: {full} only (leave depth= unset), or sample from a "
-                "checkpoint trained with task.scope.depth_choices"
-            )
-        return super().validate(desc)
+    def depth_floor(self) -> int:
+        return 1
 
     def trained_width_range(self, block: str) -> tuple[int, int]:
         """The hidden widths of ``block`` seen in training (``min/max_width_ratio``)."""
