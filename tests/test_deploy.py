@@ -149,15 +149,6 @@ def test_depth_on_a_fixed_depth_checkpoint_is_refused(ckpt):
     assert shape_for_target(net, gamma=0.5, depth=2) == net.shape_for_gamma(0.5)
 
 
-def test_dropping_a_block_outside_the_scope_is_refused(ckpt):
-    module = copy.deepcopy(load_metamorphic(ckpt))
-    net = module.net
-    net.block_active[net._all_blocks.index("layer1.1")] = False  # layer1.1 no longer metamorphic
-    assert "layer1.1" not in net.meta_blocks
-    with pytest.raises(ValueError, match=r"layer1\.1.*metamorphic"):
-        shape_for_target(net, gamma=0.25, depth=1)
-
-
 def test_depth_above_the_network_or_wrong_length_is_refused(ckpt):
     net = load_metamorphic(ckpt).net
     with pytest.raises(ValueError, match="depth 3 of stage 1"):

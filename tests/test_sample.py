@@ -407,7 +407,7 @@ def test_bad_ratio_and_widths(ckpt, tmp_path):
     _expect_error(
         tmp_path,
         ValueError,
-        r"depth 0 of stage 1 must be at least 1",
+        r"depth 0 of stage 1 is outside 1\.\.2",
         f"ckpt={ckpt}",
         "gamma=0.5",
         "depth=0",

@@ -188,17 +188,6 @@ def check_hidden(
                 f"stage {s + 1} keeps {len(stage)} blocks; allowed {allowed}{fixed}: "
                 f"shape {as_lists(hidden)}, network {as_lists(base)}"
             )
-        kept = [
-            f"layer{s + 1}.{b}" for b in range(len(bstage)) if f"layer{s + 1}.{b}" not in ranges
-        ]
-        dropped = [n for n in kept if int(n.rsplit(".", 1)[1]) >= len(stage)]
-        if dropped:  # a block that does not vary cannot be left out either
-            least = max(int(n.rsplit(".", 1)[1]) for n in kept) + 1
-            raise ValueError(
-                f"stage {s + 1} keeps {len(stage)} blocks, which drops {', '.join(dropped)}: "
-                f"not {kind}, so it must stay ({kind} blocks: {sorted(ranges) or 'none'}); "
-                f"stage {s + 1} can keep {least}..{len(bstage)} blocks"
-            )
         for b, w in enumerate(stage):
             name = f"layer{s + 1}.{b}"
             if name in ranges:
