@@ -146,7 +146,21 @@ def check_trained_depth(net: MetaResNet, shape: Shape) -> None:
     (the network itself can run them; a user target must not get one silently)."""
     full = [len(st) for st in net.base_arch.hidden]
     depths = [len(st) for st in shape] if isinstance(shape, (list, tuple)) else None
-    if net.spec.depth_choices or depths is None or len(depths) != len(full) or depths == full:
+    if depths is None or len(depths) != len(full) or depths == full:
+        return
+    for s, (keep, n) in enumerate(zip(depths, full)):  # a dropped block must be metamorphic
+        fixed = [
+            f"layer{s + 1}.{b}" for b in range(n) if f"layer{s + 1}.{b}" not in net.meta_blocks
+        ]
+        dropped = [name for name in fixed if int(name.rsplit(".", 1)[1]) >= keep]
+        if dropped:
+            least = max(int(name.rsplit(".", 1)[1]) for name in fixed) + 1
+            raise ValueError(
+                f"stage {s + 1} keeps {keep} blocks, which drops {', '.join(dropped)}: not "
+                f"metamorphic, so it must stay (metamorphic blocks: {', '.join(net.meta_blocks)}); "
+                f"stage {s + 1} can keep {least}..{n} blocks"
+            )
+    if net.spec.depth_choices:
         return
     raise ValueError(
         f"shape {[list(st) for st in shape]} keeps {depths} blocks per stage, but this "
