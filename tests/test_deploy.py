@@ -208,6 +208,25 @@ def test_a_typo_exits_2_before_anything_runs(ckpt, tmp_path, monkeypatch, capsys
     assert files_in(tmp_path) == []
 
 
+@pytest.mark.parametrize(
+    "choice, expected",
+    [
+        ("experiment=finetune/resnet2", "did you mean `finetune/resnet20_cifar10`"),
+        ("experiment=finetune_resnet20", "renamed: use experiment=finetune/resnet20_cifar10"),
+        ("data=cifar11", "did you mean `cifar10`"),
+    ],
+)
+def test_an_unknown_or_renamed_group_choice_exits_2_naming_the_fix(
+    choice, expected, tmp_path, monkeypatch, capsys
+):
+    from metamorph.cli import train
+
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run_main(monkeypatch, capsys, train.main, choice)
+    assert code == 2 and expected in err and "Traceback" not in err
+    assert files_in(tmp_path) == []
+
+
 # ----------------------------------------------------------------------------------------------
 # 4. the Python API
 # ----------------------------------------------------------------------------------------------

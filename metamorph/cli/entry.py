@@ -34,6 +34,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
+from metamorph.config.experiments import renamed_hint
 from metamorph.config.locations import CONF_DIR
 from metamorph.config.strict import UnknownKeyError, check_overrides
 
@@ -94,6 +95,28 @@ def _split_primary(text: str) -> tuple[list[str], list[str], list[str]]:
 def _group_options(group: str) -> list[str]:
     folder = Path(CONF_DIR, group)
     return sorted(str(p.relative_to(folder).with_suffix("")) for p in folder.rglob("*.yaml"))
+
+
+def unknown_choice(overrides: list[str]) -> str | None:
+    """The message for an override that picks a config-group option that does not exist (``None``
+    when every choice exists): Hydra's own says only "Could not find", not what to write."""
+    import difflib
+
+    for o in overrides:
+        key, sep, value = o.lstrip("+~").partition("=")
+        if not sep or "." in key or value in ("", "null") or not Path(CONF_DIR, key).is_dir():
+            continue
+        options = _group_options(key)
+        if value in options or value.startswith("["):
+            continue
+        close = difflib.get_close_matches(value, options, n=3, cutoff=0.5)
+        near = f"did you mean {' or '.join(f'`{c}`' for c in close)}? " if close else ""
+        listing = ", ".join(options) if len(options) <= 12 else f"{len(options)} options"
+        return (
+            f"{key}={value}: no such option in the '{key}' group; {near}"
+            f"valid: {listing} (all of them: --help)"
+        )
+    return None
 
 
 def _groups(defaults: list[str]) -> list[tuple[str, str, list[str]]]:
@@ -296,6 +319,10 @@ def entry_point(
             if args is not None and not (
                 args.config_name or args.config_path or args.config_dir or args.experimental_rerun
             ):
+                hint = renamed_hint(args.overrides) or unknown_choice(args.overrides)
+                if hint:
+                    print(f"{prog}: error: {hint}", file=sys.stderr, flush=True)
+                    sys.exit(2)
                 try:
                     check_overrides(CONF_DIR, config_name, args.overrides)
                 except UnknownKeyError as e:
