@@ -102,6 +102,8 @@ def unknown_choice(overrides: list[str]) -> str | None:
     when every choice exists): Hydra's own says only "Could not find", not what to write."""
     import difflib
 
+    if any(o.lstrip("+~").startswith("hydra.searchpath") for o in overrides):
+        return None  # options may come from another config folder: Hydra decides
     for o in overrides:
         key, sep, value = o.lstrip("+~").partition("=")
         if not sep or "." in key or value in ("", "null") or not Path(CONF_DIR, key).is_dir():
