@@ -48,6 +48,18 @@ __all__ = [
 
 IMAGE_SIZE = 32
 DATASET_NUM_CLASSES = {"cifar10": 10, "cifar100": 100}
+CIFAR10_CLASSES = (  # label order of the official batches and of the sorted image folders
+    "airplane",
+    "automobile",
+    "bird",
+    "cat",
+    "deer",
+    "dog",
+    "frog",
+    "horse",
+    "ship",
+    "truck",
+)
 EMBEDDED_PREFIX = "embedded:"
 CACHE_ENV_VAR = "METAMORPH_CACHE"
 _CACHE_VERSION = 1  # bump when the cached array layout changes

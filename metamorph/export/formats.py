@@ -20,20 +20,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from metamorph.data.sources import CIFAR10_CLASSES, IMAGE_SIZE
+
 FORMATS = ("safetensors", "onnx", "export")
-IMAGE_SIZE = 32
-CIFAR10_CLASSES = (
-    "airplane",
-    "automobile",
-    "bird",
-    "cat",
-    "deer",
-    "dog",
-    "frog",
-    "horse",
-    "ship",
-    "truck",
-)
 
 
 class NormalizedInput(nn.Module):

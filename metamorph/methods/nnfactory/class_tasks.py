@@ -16,18 +16,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-CIFAR10_CLASSES = (
-    "airplane",
-    "automobile",
-    "bird",
-    "cat",
-    "deer",
-    "dog",
-    "frog",
-    "horse",
-    "ship",
-    "truck",
-)
+from metamorph.data.sources import CIFAR10_CLASSES
+
 MIN_CLASSES, MAX_CLASSES = 2, 5
 
 Task = tuple[int, ...]  # sorted class indices
