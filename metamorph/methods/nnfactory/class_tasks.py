@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from metamorph.data.sources import CIFAR10_CLASSES
+from metamorph.models.metrics import top1
 
 MIN_CLASSES, MAX_CLASSES = 2, 5
 
@@ -97,21 +98,20 @@ def filter_to_task(
     return x[keep], local[keep]
 
 
-@torch.no_grad()
 def task_accuracy(forward, batches: Iterable, task: Task, restricted: bool = False) -> float:
     """Top-1 (%) over the task's images with the logits restricted to the task's classes;
     ``restricted``: ``forward`` already returns only the task's logits (an extracted model)."""
-    correct = total = 0
-    for x, y in batches:
-        xt, yt = filter_to_task(x, y, task)
-        if len(yt) == 0:
-            continue
-        out = forward(xt)
-        if not restricted:
-            out = restrict(out, task)
-        correct += (out.argmax(1) == yt).sum().item()
-        total += len(yt)
-    return 100.0 * correct / max(1, total)
+
+    def task_batches():
+        for x, y in batches:
+            xt, yt = filter_to_task(x, y, task)
+            if len(yt):
+                yield xt, yt
+
+    def fwd(x: torch.Tensor) -> torch.Tensor:
+        return forward(x) if restricted else restrict(forward(x), task)
+
+    return top1(fwd, task_batches())
 
 
 @dataclass

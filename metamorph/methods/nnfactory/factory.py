@@ -13,11 +13,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 
-from metamorph.io.atomic import atomic_write, atomic_write_text
-from metamorph.io.model_file import load_model
+from metamorph.io.model_file import (
+    load_model,
+    pair_paths,
+    read_pair_json,
+    read_pair_tensors,
+    write_pair,
+)
 from metamorph.methods.nnfactory.assembler import Assembler
 from metamorph.methods.nnfactory.class_tasks import CIFAR10_CLASSES, TaskSplit
 from metamorph.methods.nnfactory.supernet import ModularSupernet
@@ -43,19 +46,10 @@ class Factory:
         return self
 
 
-def _paths(path) -> tuple[Path, Path]:
-    p = Path(path)
-    if p.suffix in (".safetensors", ".json"):
-        p = p.with_suffix("")
-    return p.with_name(p.name + ".safetensors"), p.with_name(p.name + ".json")
-
-
 def save_factory(f: Factory, path: str | os.PathLike) -> Path:
     """Write the factory; returns the JSON path."""
-    st, js = _paths(path)
     tensors = {f"net.{k}": v for k, v in f.supernet.net.state_dict().items()}
     tensors.update({f"assembler.{k}": v for k, v in f.assembler.state_dict().items()})
-    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     doc = {
         "format": FORMAT,
         "arch": f.supernet.arch.to_dict(),
@@ -67,32 +61,20 @@ def save_factory(f: Factory, path: str | os.PathLike) -> Path:
         "classes": list(f.classes),
         "meta": f.meta,
     }
-    st.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(st, lambda p: save_file(tensors, str(p), metadata={"format": FORMAT}))
-    atomic_write_text(js, json.dumps(doc, indent=2))
-    return js
+    pair_paths(path)[0].parent.mkdir(parents=True, exist_ok=True)
+    return write_pair(path, tensors, doc)
 
 
 def load_factory(path: str | os.PathLike) -> Factory:
-    st, js = _paths(path)
-    if not js.is_file():
-        raise FileNotFoundError(
-            f"factory file {js} not found; train one with metamorph-train "
-            "experiment=nnfactory/recipe/assembler_resnet20_cifar10_cpu"
-        )
-    try:
-        doc = json.loads(js.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{js} is not valid JSON ({e}); the file is corrupt") from e
-    if doc.get("format") != FORMAT:
-        raise ValueError(
-            f"{js} is not an NN-Factory factory (format {doc.get('format')!r}, expected "
-            f"{FORMAT!r}); task=nnfactory_assembler writes one (factory.json)"
-        )
-    try:
-        tensors = load_file(str(st))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise ValueError(f"{st} is missing, truncated or corrupt ({e})") from e
+    doc = read_pair_json(
+        path,
+        FORMAT,
+        missing="factory file {path} not found; train one with metamorph-train "
+        "experiment=nnfactory/recipe/assembler_resnet20_cifar10_cpu",
+        what="an NN-Factory factory",
+        fix="task=nnfactory_assembler writes one (factory.json)",
+    )
+    tensors = read_pair_tensors(path)
     net = CifarResNet(ResNetArch.from_dict(doc["arch"]))
     net.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("net.")})
     supernet = ModularSupernet(net, int(doc["groups"]))
@@ -114,7 +96,7 @@ def load_factory(path: str | os.PathLike) -> Factory:
 def load_supernet_file(path: str | os.PathLike) -> tuple[ModularSupernet, TaskSplit, list[str]]:
     """The supernet model file ``task=nnfactory_supernet`` wrote (its ``meta.nnfactory`` names
     the groups, the task split and the class names)."""
-    _, js = _paths(path)
+    _, js = pair_paths(path)
     if js.is_file():
         try:
             fmt = json.loads(js.read_text()).get("format")
