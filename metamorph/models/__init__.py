@@ -22,17 +22,23 @@ from metamorph.models.resnet_cifar import (
     ResNetArch,
     cifar_resnet_arch,
 )
+from metamorph.models.stitched import StitchedArch, StitchedNet
+from metamorph.models.vit import CifarViT, ViTArch
 
 __all__ = [
     "BasicBlock",
     "CIFAR10_MEAN",
     "CIFAR10_STD",
     "CifarResNet",
+    "CifarViT",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "LOWRANK_FAMILY",
     "ResNetArch",
+    "StitchedArch",
+    "StitchedNet",
     "Tucker2Conv",
+    "ViTArch",
     "build_from_arch",
     "cifar_resnet_arch",
     "create_model",

@@ -5,7 +5,16 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+
+
+def _sdpa_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+# torch counts the CUDA attention kernels but not the CPU one, so a ViT would lose its attention
+# FLOPs on CPU only: the same formula for the CPU kernel keeps counts device-independent
+_CUSTOM = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_flops}
 
 
 def count_params(model: nn.Module) -> int:
@@ -18,7 +27,7 @@ def count_flops(model: nn.Module, input_shape=(1, 3, 32, 32)) -> int:
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    with FlopCounterMode(display=False) as fc:
+    with FlopCounterMode(display=False, custom_mapping=_CUSTOM) as fc:
         model(torch.zeros(input_shape, device=device))
     model.train(was_training)
     return int(fc.get_total_flops())
