@@ -517,3 +517,24 @@ def test_multirun_two_jobs(tmp_path):
     w0 = metamorph.load(sweep / "0" / "model.json").fc.weight
     w1 = metamorph.load(sweep / "1" / "model.json").fc.weight
     assert not torch.equal(w0, w1)  # different seeds, different runs
+
+
+def test_help_into_a_closed_pipe_ends_quietly():
+    """``metamorph-train --help | head -1``: the reader is gone before the help is written; the
+    tool exits 0 without a BrokenPipeError traceback."""
+    import os
+
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader closed before anything was written
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "metamorph.cli.train", "--help"],
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=120,
+        )
+    finally:
+        os.close(write_end)
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr and "BrokenPipe" not in proc.stderr

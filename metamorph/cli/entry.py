@@ -243,6 +243,17 @@ def _log_file() -> Path | None:
 # ----------------------------------------------------------------------------------------------
 
 
+def _print_piped(text: str) -> None:
+    """Print to stdout; a reader that closes the pipe early (``--help | head``) ends it quietly."""
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:
+        # the interpreter's final flush would raise again: point stdout at /dev/null first
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        sys.exit(0)
+
+
 def _fail(prog: str, message: str, run_dir: Path | None) -> None:
     remove_if_bookkeeping(run_dir)
     print(f"{prog}: error: {message}", file=sys.stderr, flush=True)
@@ -307,10 +318,10 @@ def entry_point(
         def main():
             argv = sys.argv[1:]
             if "--version" in argv:
-                print(version_text())
+                _print_piped(version_text())
                 return None
             if "--help" in argv or "-h" in argv:
-                print(help_text(prog, config_name, about))
+                _print_piped(help_text(prog, config_name, about))
                 return None
             from hydra._internal.utils import get_args_parser
 
