@@ -25,6 +25,7 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "metamorph.compare.sources.model_files",  # point sources model_files, genecai, pruning
     "metamorph.methods.nnfactory.task",  # tasks nnfactory_supernet / _assembler, their kinds
     "metamorph.methods.nnfactory.customize",  # customization method nnfactory
+    "metamorph.methods.learngene.task",  # tasks learngene_aux / _stitch, their kinds
 )
 ENTRY_POINT_GROUP = "metamorph.plugins"
 

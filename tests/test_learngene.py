@@ -1,0 +1,162 @@
+"""Learngene Pool and SN-Net: auxiliary distillation, stitch init, descendants, the two tasks and
+customization (tiny networks, synthetic or embedded mini data)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import randomize_bn
+
+from metamorph.methods.learngene.auxiliary import (
+    AuxDistiller,
+    auxiliary_arch,
+    auxiliary_network,
+    supervision_pairs,
+)
+from metamorph.methods.learngene.module import draw_path
+from metamorph.methods.learngene.pool import (
+    StitchedSystem,
+    initialize_stitches,
+    load_system,
+    save_system,
+)
+from metamorph.methods.learngene.stitch import init_least_squares, least_squares
+from metamorph.models import CifarResNet, cifar_resnet_arch
+from metamorph.models.stitched import make_stitch
+from metamorph.utils.profile import count_flops, count_params
+
+
+def ancestry(seed=0, per_stage=3, widths=(8, 16, 16)):
+    torch.manual_seed(seed)
+    net = CifarResNet(cifar_resnet_arch(depth=8, stage_widths=widths, blocks_per_stage=per_stage))
+    return randomize_bn(net, seed).eval()
+
+
+def pool_of(seed=0, blocks=6):
+    anc = ancestry(seed)
+    torch.manual_seed(seed + 1)
+    tiny = randomize_bn(auxiliary_network(anc, 0.5, blocks), seed + 1)
+    base = randomize_bn(auxiliary_network(anc, 1.0, blocks), seed + 2)
+    return StitchedSystem([tiny, base], ["tiny", "base"]).eval(), tiny.eval(), base.eval()
+
+
+def test_auxiliary_shapes_and_supervision_positions():
+    arch = auxiliary_arch(ancestry().arch, 0.5, 6)
+    assert arch.stage_widths == [4, 8, 8] and arch.hidden == [[4, 4], [8, 8], [8, 8]]
+    assert supervision_pairs(6, 12, "front_end") == [(1, 3), (3, 7), (5, 11)]  # the paper's
+    assert supervision_pairs(9, 27, "front_end") == [(2, 8), (5, 17), (8, 26)]  # stage ends
+    assert supervision_pairs(6, 9, "end") == [(5, 8)]
+    with pytest.raises(ValueError, match="multiple of 3"):
+        auxiliary_arch(ancestry().arch, 0.5, 7)
+    with pytest.raises(ValueError, match="positions"):
+        supervision_pairs(6, 9, "middle")
+
+
+def test_least_squares_stitch_reproduces_exactly_linear_features():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 6, 4, 4, generator=g)
+    w, b = torch.randn(10, 6, generator=g), torch.randn(10, generator=g)
+    y = torch.einsum("oc,bchw->bohw", w, x) + b.view(1, -1, 1, 1)
+    layer = make_stitch("conv1x1", 6, 10)
+    init_least_squares(layer, [(x, y)])
+    torch.testing.assert_close(layer(x), y, atol=1e-4, rtol=1e-4)
+    w2, b2 = least_squares(torch.randn(50, 3, generator=g), torch.randn(50, 2, generator=g))
+    assert w2.shape == (2, 3) and b2.shape == (2,)
+    tokens = torch.randn(3, 7, 6, generator=g)  # ViT-style (B, N, D)
+    lin = make_stitch("linear", 6, 4)
+    target = tokens @ w[:4].T + b[:4]
+    init_least_squares(lin, [(tokens, target)])
+    torch.testing.assert_close(lin(tokens), target, atol=1e-4, rtol=1e-4)
+
+
+def test_one_member_descendants_equal_that_auxiliary_model():
+    system, tiny, base = pool_of()
+    x = torch.randn(3, 3, 32, 32)
+    alone = [d for d in system.descendants if not d.stitched]
+    assert [d.front for d in alone] == [0, 1]
+    torch.testing.assert_close(system(x, alone[0].id), tiny(x))
+    torch.testing.assert_close(system(x, alone[1].id), base(x))
+    torch.testing.assert_close(system.materialize(alone[0].id)(x), tiny(x))
+
+
+def test_descendants_run_small_first_and_have_the_declared_costs():
+    system, _, _ = pool_of()
+    initialize_stitches(system, "snnet", torch.randn(8, 3, 32, 32))
+    system.eval()
+    costs = system.costs()
+    x = torch.randn(2, 3, 32, 32)
+    stitched = [d for d in system.descendants if d.stitched]
+    # equal depth D = 6: 3D - 2 = 16 positions, minus those crossing a stage boundary
+    assert len(stitched) == 11 and all(d.front == 0 and d.back == 1 for d in stitched)
+    assert all(abs(d.back_start - d.front_blocks) <= 1 for d in stitched)
+    for d in system.descendants:
+        net = system.materialize(d.id)
+        torch.testing.assert_close(net(x), system(x, d.id))
+        assert costs[d.id] == {"params": count_params(net), "flops": count_flops(net)}, d
+    sizes = [c["flops"] for c in costs]
+    assert min(sizes) == costs[0]["flops"] and max(sizes) >= costs[1]["flops"]
+    st = system.stored_params()
+    assert st["total"] == count_params(system) == st["members"] + st["stitches"]
+
+
+def test_transformation_layers_get_gradients_and_change():
+    anc = ancestry()
+    torch.manual_seed(0)
+    d = AuxDistiller(auxiliary_network(anc, 0.5, 6), anc, "front_end")
+    before = [p.detach().clone() for p in d.transforms.parameters()]
+    opt = torch.optim.SGD([*d.student.parameters(), *d.transforms.parameters()], lr=0.1)
+    x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
+    for _ in range(2):
+        opt.zero_grad()
+        loss, parts = d.loss(x, y)
+        loss.backward()
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in d.transforms.parameters())
+        assert all(p.grad is None for p in d.teacher.parameters())
+        opt.step()
+    assert all(not torch.equal(a, b) for a, b in zip(before, d.transforms.parameters()))
+    assert parts["rep"] > 0 and len(d.transforms.maps) == 3
+
+
+def test_transposed_mean_init_copies_the_learned_maps():
+    system, _, _ = pool_of()
+    maps = {0: [torch.randn(4, 8), torch.randn(8, 16), torch.randn(8, 16)]}
+    # tiny widths 4/8/8 vs base 8/16/16: stage-0 stitches get map 0^T, others the mean of 1, 2
+    initialize_stitches(system, "ours", maps=maps)
+    for d in system.descendants:
+        if d.stitched:
+            w = system.stitches[d.slot].weight[:, :, 0, 0]
+            expect = maps[0][0].T if w.shape == (8, 4) else (maps[0][1] + maps[0][2]).T / 2
+            torch.testing.assert_close(w, expect)
+    with pytest.raises(ValueError, match="learned transformation maps"):
+        initialize_stitches(system, "ours", maps={})
+    with pytest.raises(ValueError, match="init="):
+        initialize_stitches(system, "identity")
+
+
+def test_fixed_seed_gives_the_same_path_sequence():
+    paths = list(range(13))
+    a = [draw_path(7, s, paths) for s in range(200)]
+    assert a == [draw_path(7, s, paths) for s in range(200)]
+    assert a != [draw_path(8, s, paths) for s in range(200)]
+    assert set(a) == set(paths)  # uniform over every descendant
+    assert a[120:] == [draw_path(7, s, paths) for s in range(120, 200)]  # resume mid-run
+
+
+def test_bad_descendant_ids_fail_clearly():
+    system, _, _ = pool_of()
+    for bad in (-1, system.num_descendants, "3", 1.5):
+        with pytest.raises(ValueError, match=r"ids 0\.\.12"):
+            system(torch.randn(1, 3, 32, 32), bad)
+
+
+def test_system_file_round_trips(tmp_path):
+    system, _, _ = pool_of()
+    initialize_stitches(system, "snnet", torch.randn(4, 3, 32, 32))
+    path = save_system(system, tmp_path / "system", meta={"x": 1})
+    back = load_system(path)
+    x = torch.randn(2, 3, 32, 32)
+    for d in (0, 1, 5, 12):
+        torch.testing.assert_close(back(x, d), system.eval()(x, d))
+    assert back.meta == {"x": 1} and back.names == ["tiny", "base"]
+    with pytest.raises(FileNotFoundError, match="task=learngene_stitch"):
+        load_system(tmp_path / "nothing")
