@@ -3,10 +3,14 @@ customization (tiny networks, synthetic or embedded mini data)."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
-from conftest import randomize_bn
+from conftest import QUIET, TINY_DATA, compose_config, randomize_bn
 
+from metamorph.cli import train
 from metamorph.methods.learngene.auxiliary import (
     AuxDistiller,
     auxiliary_arch,
@@ -160,3 +164,86 @@ def test_system_file_round_trips(tmp_path):
     assert back.meta == {"x": 1} and back.names == ["tiny", "base"]
     with pytest.raises(FileNotFoundError, match="task=learngene_stitch"):
         load_system(tmp_path / "nothing")
+
+
+SHORT = [
+    *TINY_DATA,
+    *QUIET,
+    "logger=none",
+    "trainer.max_epochs=1",
+    "+trainer.limit_train_batches=2",
+    "+trainer.limit_val_batches=1",
+    "+trainer.limit_test_batches=1",
+]
+
+
+@pytest.fixture(scope="module")
+def stages(tmp_path_factory):
+    """Ancestry file -> two auxiliary models (2 steps each) -> pool (2 steps) evaluated."""
+    from metamorph.io.model_file import save_model
+
+    root = tmp_path_factory.mktemp("lg")
+    anc = save_model(ancestry(), root / "ancestry")
+    aux = {}
+    for name, width in (("tiny", 0.5), ("base", 1.0)):
+        aux[name] = train.run(
+            compose_config(
+                "train",
+                root / name,
+                [*SHORT, "task=learngene_aux", f"task.ancestry={anc}", f"task.width={width}"],
+            )
+        )
+    members = f"[{aux['tiny']['model_files'][0]},{aux['base']['model_files'][0]}]"
+    pool = train.run(
+        compose_config(
+            "train",
+            root / "pool",
+            [
+                *SHORT,
+                "task=learngene_stitch",
+                f"task.members={members}",
+                f"task.ancestry={anc}",
+                "task.latency=false",
+            ],
+        )
+    )
+    return root, anc, aux, pool
+
+
+def test_the_two_stages_write_aux_models_maps_and_an_evaluated_system(stages):
+    from metamorph.io.model_file import load_model
+    from metamorph.methods.learngene.task import load_maps
+    from metamorph.runtime.checkpoints import checkpoint_kind, load_checkpoint
+
+    root, anc, aux, pool = stages
+    tiny = load_model(aux["tiny"]["model_files"][0])
+    assert tiny.arch.stage_widths == [4, 8, 8] and sum(map(len, tiny.arch.hidden)) == 6
+    maps = load_maps(aux["tiny"]["model_files"][0])
+    assert [tuple(m.shape) for m in maps] == [(4, 8), (8, 16), (8, 16)]
+    ck = root / "tiny" / "checkpoints" / "last.ckpt"
+    assert checkpoint_kind(ck) == "learngene_aux"
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(load_checkpoint(ck)(x), tiny(x))
+    table = json.loads(Path(pool["table"]).read_text())
+    assert len(table["descendants"]) == pool["descendants"] == 13
+    assert all("test_acc" in r and "val_acc" in r and r["flops"] > 0 for r in table["descendants"])
+    assert pool["stitch_init"] and set(pool["stitch_init"].values()) == {"ours"}
+    assert len(pool["val_acc_at_init"]) == 13 and pool["paths_drawn"] == 2
+    system = load_system(pool["system_file"])
+    assert checkpoint_kind(root / "pool" / "checkpoints" / "last.ckpt") == "learngene_stitch"
+    resumed = load_checkpoint(root / "pool" / "checkpoints" / "last.ckpt")
+    torch.testing.assert_close(resumed(x, 7), system(x, 7))
+
+
+def test_stitch_task_errors_name_the_fix(stages, tmp_path):
+    root, anc, aux, _ = stages
+    base = [*SHORT, "task=learngene_stitch", f"task.ancestry={anc}"]
+    with pytest.raises(ValueError, match="at least two model files"):
+        train.run(compose_config("train", tmp_path, [*base, f"task.members=[{anc}]"]))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        train.run(
+            compose_config("train", tmp_path, [*base, f"task.members=[{anc},{tmp_path}/x.json]"])
+        )
+    # pretrained anchors have no learned maps: init=ours is refused, init=snnet works
+    with pytest.raises(ValueError, match="init=snnet"):
+        train.run(compose_config("train", tmp_path, [*base, f"task.members=[{anc},{anc}]"]))

@@ -44,6 +44,7 @@ class StitchConfig:
     paths: list[int] | None = None  # descendants sampled in training (null: all, uniformly)
     probes: list[int] | None = None  # descendants validated each epoch (null: every member)
     evaluate: bool = True  # evaluate every descendant on val + test at the end
+    evaluate_ids: list[int] | None = None  # only these descendants (null: every one)
     latency: bool = True  # and measure each one on `latency_device`
     latency_device: str = "cpu1_b1"
     optim: OptimConfig = field(default_factory=_adamw)

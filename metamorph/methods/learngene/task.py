@@ -58,6 +58,12 @@ def load_maps(model_json) -> list[torch.Tensor] | None:
     return [t[f"maps.{k}.weight"].reshape(t[f"maps.{k}.weight"].shape[:2]) for k in range(n)]
 
 
+def table_path(system_json) -> Path:
+    """The evaluated-descendants table written beside a system file (``<name>.descendants.json``)."""
+    _, js = pair_paths(system_json)
+    return js.with_name(js.name.removesuffix(".json") + ".descendants.json")
+
+
 def _require(path: str | None, what: str) -> str:
     if not path:
         raise ValueError(f"{what} is required")
@@ -161,11 +167,12 @@ def evaluate_descendants(
 
 
 @torch.no_grad()
-def _val_at_init(system: StitchedSystem, dm) -> dict[int, float]:
+def _val_at_init(system: StitchedSystem, dm, ids=None) -> dict[int, float]:
     system.eval()
+    todo = system.descendants if ids is None else [system.descendant(i) for i in ids]
     return {
         d.id: round(top1(lambda x, d=d: system(x, d.id), dm.normalized_batches("val")), 2)
-        for d in system.descendants
+        for d in todo
     }
 
 
@@ -209,6 +216,7 @@ def run_stitch(cfg: DictConfig) -> dict:
     dm.set_normalization(arch0.mean, arch0.std)
     images = dm.transform_batch(dm.subset("train", tc.init_images, seed=int(cfg.seed))[0])
     how = initialize_stitches(system, tc.init, images, maps)
+    system.train()  # members load in eval mode; fine-tuning updates their BatchNorm statistics
     module = StitchModule(system, teacher, tc, seed=int(cfg.seed), hparams={"config": plain(cfg)})
     out_dir = Path(cfg.paths.output_dir)
     print(
@@ -226,7 +234,7 @@ def run_stitch(cfg: DictConfig) -> dict:
     }
     if tc.evaluate and len(dm.split_tensors("val")[1]) and cfg.ckpt_path is None:
         t = time.time()
-        summary["val_acc_at_init"] = _val_at_init(system, dm)
+        summary["val_acc_at_init"] = _val_at_init(system, dm, tc.evaluate_ids)
         summary["val_at_init_s"] = round(time.time() - t, 1)
     trainer = _fit_test(cfg, module, dm, summary)
     summary["paths_drawn"] = len(module.trained_paths)
@@ -235,7 +243,8 @@ def run_stitch(cfg: DictConfig) -> dict:
         summary["system_file"] = str(save_system(system.cpu(), out_dir / "system", meta=meta))
         if tc.evaluate:
             t = time.time()
-            rows = evaluate_descendants(system, dm, None, tc.latency_device if tc.latency else None)
+            device = tc.latency_device if tc.latency else None
+            rows = evaluate_descendants(system, dm, tc.evaluate_ids, device)
             summary["eval_s"] = round(time.time() - t, 1)
             table = {
                 "system": tc.system,
@@ -251,6 +260,8 @@ def run_stitch(cfg: DictConfig) -> dict:
             summary["table"] = str(path)
         if cfg.export_to:
             summary["exported"] = str(save_system(system, cfg.export_to, meta=meta))
+            if tc.evaluate:
+                atomic_write_text(table_path(summary["exported"]), json.dumps(table, indent=1))
     summary["time_s"] = round(time.time() - t0, 1)
     return summary
 
