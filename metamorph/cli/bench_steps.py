@@ -13,12 +13,12 @@ matmul loop, another process) and measures again beside it.
 from __future__ import annotations
 
 import multiprocessing as mp
-import statistics
 import time
 
 import torch
 import torch.nn.functional as F
 
+from metamorph.cli.bench import median_time
 from metamorph.hypernet.compiled import CompileConfig
 from metamorph.hypernet.inr import INRConfig
 from metamorph.hypernet.metanet import MetaResNet, MetaSpec
@@ -32,24 +32,6 @@ SCOPES = {
     "last_block": (["layer3.2"], INRConfig(hidden=256, layers=4, freqs=16)),
     "full": (["all"], INRConfig(hidden=256, layers=4, freqs=16)),
 }
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _median(fn, repeats: int, warmup: int, device: torch.device) -> float:
-    for _ in range(warmup):
-        fn()
-    _sync(device)
-    times = []
-    for _ in range(max(1, repeats)):
-        t = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
 
 
 def _batch(batch: int, device: torch.device, seed: int = 0):
@@ -189,8 +171,10 @@ def step_ratios(
                 kw["batched"] = True
             # compiling steps are not timed: warm up longer for them
             w = warmup + (2 if variant.startswith("compiled") else 0)
-            t_meta = _median(metamorph_step(model, scope, batch, device, **kw), repeats, w, device)
-            t_plain = _median(plain_step(model, batch, device), repeats, warmup, device)
+            t_meta = median_time(
+                metamorph_step(model, scope, batch, device, **kw), repeats, w, device
+            )
+            t_plain = median_time(plain_step(model, batch, device), repeats, warmup, device)
             plain_ms[model] = min(plain_ms.get(model, float("inf")), t_plain * 1e3)
             key = f"{model}/{scope}/{variant}"
             out[key] = {
