@@ -111,15 +111,17 @@ def export_onnx(
     exporter: str = "auto",
     normalize_in_graph: bool = True,
     metadata: dict | None = None,
+    class_names: list[str] | None = None,
 ) -> str:
     """Write ``model`` as ONNX with a dynamic batch axis (input ``input``, output ``logits``),
     taking [0, 1] images unless ``normalize_in_graph=False``; :func:`input_spec` (plus
-    ``metadata``) goes into the model's ``metadata_props``, one JSON string per key.
+    ``metadata``) goes into the model's ``metadata_props``, one JSON string per key
+    (``class_names``: the output's classes, e.g. a task model's subset).
     Returns the exporter used."""
     if importlib.util.find_spec("onnx") is None:
         raise ValueError("format=onnx needs the onnx package: pip install 'metamorph[export]'")
     kind = onnx_exporter(exporter)
-    spec = input_spec(model, normalize_in_graph)
+    spec = input_spec(model, normalize_in_graph, class_names)
     x = _random_batch(model, 2, 0, raw=normalize_in_graph)
     model = deployable(model, normalize_in_graph)
     kwargs = dict(input_names=["input"], output_names=["logits"], opset_version=int(opset))

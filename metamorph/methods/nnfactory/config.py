@@ -76,4 +76,5 @@ class NNFactoryCustomizeConfig:
     rank_top: int = 6  # feasible candidates ranked on the proxy set: the least sparse ones (0: all)
     proxy_images: int = 256  # task images that rank the feasible candidates
     proxy_split: str = "val"  # where the proxy images come from (never the test split's)
+    bn_images: int = 0  # >0: BN statistics of every ranked assembly re-estimated on this many train images of the task (0: the supernet's shared ones)
     eval_test: bool = True  # also report the chosen model's test accuracy on the task (untimed)

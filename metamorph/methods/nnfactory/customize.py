@@ -25,6 +25,8 @@ from omegaconf import DictConfig, OmegaConf
 from metamorph.config.schema import typed
 from metamorph.devices import Budget, LatencyPredictor, Option, estimate_memory, measure_model
 from metamorph.devices import select_within_budget as select
+from metamorph.export.formats import check_onnx, export_onnx, input_spec
+from metamorph.export.outputs import StagedOutputs
 from metamorph.io.atomic import atomic_write_text
 from metamorph.io.model_file import save_model
 from metamorph.methods.nnfactory.assembler import modules_on
@@ -39,6 +41,7 @@ from metamorph.methods.nnfactory.class_tasks import (
 from metamorph.methods.nnfactory.config import BudgetConfig, NNFactoryCustomizeConfig
 from metamorph.methods.nnfactory.factory import Factory, load_factory
 from metamorph.methods.nnfactory.supernet import arch_costs
+from metamorph.models.calibrate import recalibrate_batchnorm
 from metamorph.models.resnet_cifar import CifarResNet
 from metamorph.runtime.customizers import register_customizer
 
@@ -103,13 +106,22 @@ def customize(
     predictor=None,
     measure: Callable[[torch.nn.Module], object] | None = None,
     log: Callable[[str], None] | None = None,
+    candidates: list[Candidate] | None = None,
+    bn_images: torch.Tensor | None = None,
 ) -> Customized:
     """The most accurate (on ``proxy``) assembly within ``budget``, extracted and measured;
-    ``rank_top``: how many of the least sparse feasible ones are ranked (0: all)."""
+    ``rank_top``: how many of the least sparse feasible ones are ranked (0: all).
+
+    ``candidates``: search these masks instead of G's (the baselines: random or task-agnostic
+    masks through the same search). ``bn_images``: normalised images of the task whose batch
+    statistics replace the BatchNorm running statistics of every assembly ranked and of the
+    one returned (:func:`recalibrate`); ``None`` keeps the supernet's shared statistics."""
     log = log or (lambda s: None)
     t0 = time.perf_counter()
     sn = factory.supernet.eval()
-    cands = candidates_for(factory, task, sparsities, per_sparsity, seed)
+    if candidates is None:
+        candidates = candidates_for(factory, task, sparsities, per_sparsity, seed)
+    cands = candidates
     t_gen = time.perf_counter()
     profile = budget.profile if budget.needs_device else None
     options = []
@@ -146,6 +158,7 @@ def customize(
         for o in picked:
             c = o.item[0]
             small = sn.extract(c.mask, task)  # the same outputs as the masked supernet, cheaper
+            recalibrate(small, bn_images)
             c.proxy_acc = task_accuracy(small, [(px, ly)], local, restricted=True)
             o.score = c.proxy_acc
 
@@ -166,7 +179,7 @@ def customize(
             what="assembly",
             describe=lambda o: f" ({sum(o.item[0].mask)}/{len(o.item[0].mask)} modules on)",
         )
-        model = sn.extract(best.item[0].mask, task).cpu().eval()
+        model = recalibrate(sn.extract(best.item[0].mask, task).cpu(), bn_images).eval()
     t1 = time.perf_counter()
     return Customized(
         model,
@@ -181,6 +194,19 @@ def customize(
             "customize_s": round(t1 - t0, 4),
         },
     )
+
+
+def recalibrate(model: CifarResNet, images: torch.Tensor | None, batch_size: int = 128):
+    """``model`` with every BatchNorm's running statistics re-estimated on ``images`` (reset,
+    train-mode forwards without gradients, cumulative average, then eval): the statistics of
+    this assembly on the task instead of the supernet's, shared by every mask and every task.
+    Gradient-free and label-free; ``None`` or no image: ``model`` unchanged."""
+    if images is None or len(images) == 0:
+        return model
+    recalibrate_batchnorm(
+        model, [images[i : i + batch_size] for i in range(0, len(images), batch_size)]
+    )
+    return model.eval()
 
 
 def _proxy_set(dm, split: str, task: Task, n: int, seed: int):
@@ -198,6 +224,9 @@ def _proxy_set(dm, split: str, task: Task, n: int, seed: int):
         )
     pick = idx[torch.randperm(len(idx), generator=torch.Generator().manual_seed(seed))[:n]]
     return dm.transform_batch(x[pick]), y[pick]
+
+
+OUTPUT_FORMATS = ("safetensors", "onnx")
 
 
 @register_customizer("nnfactory")
@@ -239,6 +268,15 @@ def run_nnfactory(cfg: DictConfig) -> dict:
             f"the data has {dm.num_classes} classes but the factory {factory.supernet.arch.num_classes}"
         )
     proxy = _proxy_set(dm, ncfg.proxy_split, task, ncfg.proxy_images, int(cfg.seed))
+    bn_images = None
+    if ncfg.bn_images < 0:
+        raise ValueError(f"nnfactory.bn_images={ncfg.bn_images} must be 0 (off) or a count")
+    if ncfg.bn_images:
+        split = "train" if ncfg.proxy_split != "train" else "val"
+        bn_images = _proxy_set(dm, split, task, ncfg.bn_images, int(cfg.seed) + 1)[0]
+    fmt = str(cfg.get("format", "safetensors"))
+    if fmt not in OUTPUT_FORMATS:
+        raise ValueError(f"format={fmt!r}: choose one of {', '.join(OUTPUT_FORMATS)}")
     load_s = time.perf_counter() - t_load
     names = task_names(task, factory.classes)
     print(
@@ -255,6 +293,7 @@ def run_nnfactory(cfg: DictConfig) -> dict:
         int(cfg.seed),
         ncfg.rank_top,
         log=print,
+        bn_images=bn_images,
     )
     c, o = res.chosen, res.option
     summary: dict = {
@@ -276,6 +315,7 @@ def run_nnfactory(cfg: DictConfig) -> dict:
         if o.measured is None
         else round(o.measured.latency.iqr_ms, 4),
         "candidates": len(res.options),
+        "bn_images": 0 if bn_images is None else int(len(bn_images)),
         "customize_s": res.timings["customize_s"],
         "predictor_entries_measured": res.timings["predictor_entries_measured"],
         "predictor_table_s": res.timings["predictor_table_s"],
@@ -295,19 +335,59 @@ def run_nnfactory(cfg: DictConfig) -> dict:
     meta = {"nnfactory": {k: v for k, v in summary.items() if k != "hidden"}, "classes": names}
     meta["nnfactory"]["mask"] = list(c.mask)
     meta["nnfactory"]["factory"] = str(ncfg.factory)
-    out.parent.mkdir(parents=True, exist_ok=True)  # only now: a failed run writes nothing
-    summary["model_file"] = str(save_model(res.model, out, meta=meta))
-    report = out.with_name(out.name + ".customize.json")
-    atomic_write_text(
-        report,
-        json.dumps(
-            {**summary, "options": [x.to_dict() for x in res.options]}, indent=1, default=str
-        ),
-    )
-    summary["report"] = str(report)
+    report = {**summary, "options": [x.to_dict() for x in res.options]}
+    files = write_outputs(res.model, out, meta, report, fmt, cfg, names)
+    summary.update(files)
     print(
         f"[metamorph-customize] {c.label}: {summary['modules_on']}/{summary['modules']} modules, "
         f"measured {summary['measured_latency_ms']} ms; customization {res.timings['customize_s']:.2f} s, "
         f"whole command {summary['wall_s']:.2f} s"
     )
     return summary
+
+
+def write_outputs(
+    model: CifarResNet,
+    out: Path,
+    meta: dict,
+    report: dict,
+    fmt: str,
+    cfg: DictConfig,
+    class_names: list[str],
+) -> dict:
+    """``<out>.safetensors/.json``, ``<out>.customize.json`` and with ``format=onnx``
+    ``<out>.onnx`` (the project's exporter, normalisation in the graph unless
+    ``export.normalize_in_graph=false``, checked with onnxruntime against PyTorch), all or
+    nothing: a failed export or check leaves no file. Returns the summary's file entries."""
+    files: dict = {}
+    nig = bool(OmegaConf.select(cfg, "export.normalize_in_graph", default=True))
+    if fmt == "onnx":
+        meta = {**meta, "input": input_spec(model, nig, class_names)}
+    with StagedOutputs(out.parent) as st:
+        files["model_file"] = str(out.parent / save_model(model, st.path(out.name), meta=meta).name)
+        if fmt == "onnx":
+            path = st.path(out.name + ".onnx")
+            onnx = OmegaConf.select(cfg, "onnx", default=None) or {}
+            files["onnx_exporter"] = export_onnx(
+                model,
+                path,
+                opset=int(onnx.get("opset", 17)),
+                exporter=str(onnx.get("exporter", "auto")),
+                normalize_in_graph=nig,
+                metadata={"metamorph_task": class_names},
+                class_names=class_names,
+            )
+            diff = check_onnx(path, model, batch=int(onnx.get("batch", 8)), normalize_in_graph=nig)
+            atol = float(onnx.get("atol", 1e-4))
+            if not diff <= atol:
+                raise ValueError(
+                    f"the ONNX export's logits differ from PyTorch's by {diff:.3g} > "
+                    f"onnx.atol={atol}; nothing was written"
+                )
+            files["onnx_max_abs_diff"] = diff
+            files["onnx"] = str(out.parent / path.name)
+        rep = st.path(out.name + ".customize.json")
+        files["report"] = str(out.parent / rep.name)
+        atomic_write_text(rep, json.dumps({**report, **files}, indent=1, default=str))
+        st.commit()
+    return files
