@@ -247,3 +247,77 @@ def test_stitch_task_errors_name_the_fix(stages, tmp_path):
     # pretrained anchors have no learned maps: init=ours is refused, init=snnet works
     with pytest.raises(ValueError, match="init=snnet"):
         train.run(compose_config("train", tmp_path, [*base, f"task.members=[{anc},{anc}]"]))
+
+
+def test_fine_tune_trains_the_members_in_train_mode(stages):
+    from metamorph.io.model_file import load_model
+
+    _, _, aux, pool = stages
+    tiny = load_model(aux["tiny"]["model_files"][0])
+    system = load_system(pool["system_file"])
+    # BatchNorm statistics moved: the members were fine-tuned in train mode
+    assert not torch.equal(system.members[0].stem.bn1.running_mean, tiny.bn1.running_mean)
+    assert len(pool["val_acc_at_init_lsinit"]) == 13  # both inits compared before training
+
+
+def _customize(pool, out, *overrides):
+    from metamorph.runtime.customizers import get_customizer
+
+    cfg = compose_config(
+        "customize",
+        out.parent,
+        ["method=learngene", f"learngene.pool={pool['system_file']}", f"out={out}", *overrides],
+    )
+    return get_customizer("learngene")(cfg)
+
+
+def test_customize_picks_the_best_descendant_within_the_flop_budget(stages, tmp_path):
+    from metamorph.io.model_file import load_model
+
+    _, _, _, pool = stages
+    table = json.loads(Path(pool["table"]).read_text())["descendants"]
+    limit = sorted(r["flops"] for r in table)[4]
+    out = tmp_path / "m"
+    s = _customize(pool, out, f"budget.max_flops={limit}", "device=null", "learngene.onnx=false")
+    feasible = [r for r in table if r["flops"] <= limit]
+    best = max(feasible, key=lambda r: (r["val_acc"], -r["flops"], -r["params"]))
+    assert s["flops"] <= limit and s["val_acc"] == best["val_acc"]
+    net = load_model(s["model_file"])
+    system = load_system(pool["system_file"])
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(net(x), system(x, s["descendant"]))
+    assert count_flops(net) == s["flops"]
+
+
+def test_customize_exports_onnx_of_a_stitched_descendant(stages, tmp_path):
+    pytest.importorskip("onnxruntime")
+    import numpy as np
+    import onnxruntime as ort
+
+    from metamorph.io.model_file import load_model
+
+    _, _, _, pool = stages
+    out = tmp_path / "d7"
+    s = _customize(pool, out, "learngene.descendant=7", "device=null")
+    assert s["descendant"] == 7 and Path(s["onnx"]).is_file()
+    net = load_model(s["model_file"])
+    x = torch.rand(2, 3, 32, 32)
+    sess = ort.InferenceSession(s["onnx"], providers=["CPUExecutionProvider"])
+    got = sess.run(None, {"input": x.numpy()})[0]
+    mean = torch.tensor(net.arch.mean).view(1, 3, 1, 1)
+    std = torch.tensor(net.arch.std).view(1, 3, 1, 1)
+    np.testing.assert_allclose(got, net((x - mean) / std).detach().numpy(), atol=1e-4, rtol=1e-4)
+
+
+def test_customize_bad_ids_and_impossible_budgets_fail_clearly_and_write_nothing(stages, tmp_path):
+    from metamorph.devices import BudgetError
+
+    _, _, _, pool = stages
+    out = tmp_path / "x" / "m"
+    with pytest.raises(ValueError, match=r"ids 0\.\.12"):
+        _customize(pool, out, "learngene.descendant=99", "device=null")
+    with pytest.raises(BudgetError, match="descendant"):
+        _customize(pool, out, "budget.max_flops=1000", "device=null")
+    with pytest.raises(ValueError, match="learngene.pool= is required"):
+        _customize({"system_file": "null"}, out, "budget.max_flops=1e9")
+    assert not (tmp_path / "x").exists()

@@ -26,6 +26,7 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "metamorph.methods.nnfactory.task",  # tasks nnfactory_supernet / _assembler, their kinds
     "metamorph.methods.nnfactory.customize",  # customization method nnfactory
     "metamorph.methods.learngene.task",  # tasks learngene_aux / _stitch, their kinds
+    "metamorph.methods.learngene.customize",  # customization method learngene
 )
 ENTRY_POINT_GROUP = "metamorph.plugins"
 

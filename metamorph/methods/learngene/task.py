@@ -7,12 +7,13 @@ initialise the pool's stitch layers). Stage 2 (``learngene_stitch``) builds a st
 initialises its stitch layers (``task.init``), fine-tunes it once with one uniformly drawn
 descendant per step and KD from ``task.ancestry``, then evaluates every descendant (top-1 on the
 val carve-out and on the full test split, parameters, FLOPs, ``cpu1_b1`` latency): writes
-``<run>/system.json/.safetensors`` and ``<run>/descendants.json`` (what ``metamorph-customize
+``<run>/system.json/.safetensors`` and ``<run>/system.descendants.json`` (what ``metamorph-customize
 method=learngene`` chooses from). Both resume from ``ckpt_path=.../checkpoints/last.ckpt``.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import time
 from pathlib import Path
@@ -216,7 +217,6 @@ def run_stitch(cfg: DictConfig) -> dict:
     dm.set_normalization(arch0.mean, arch0.std)
     images = dm.transform_batch(dm.subset("train", tc.init_images, seed=int(cfg.seed))[0])
     how = initialize_stitches(system, tc.init, images, maps)
-    system.train()  # members load in eval mode; fine-tuning updates their BatchNorm statistics
     module = StitchModule(system, teacher, tc, seed=int(cfg.seed), hparams={"config": plain(cfg)})
     out_dir = Path(cfg.paths.output_dir)
     print(
@@ -235,7 +235,13 @@ def run_stitch(cfg: DictConfig) -> dict:
     if tc.evaluate and len(dm.split_tensors("val")[1]) and cfg.ckpt_path is None:
         t = time.time()
         summary["val_acc_at_init"] = _val_at_init(system, dm, tc.evaluate_ids)
+        if tc.init == "ours":  # the same instances with least-squares stitches, before training
+            other = copy.deepcopy(system)
+            initialize_stitches(other, "snnet", images, maps)
+            summary["val_acc_at_init_lsinit"] = _val_at_init(other, dm, tc.evaluate_ids)
+            del other
         summary["val_at_init_s"] = round(time.time() - t, 1)
+    system.train()  # members load in eval mode; fine-tuning updates their BatchNorm statistics
     trainer = _fit_test(cfg, module, dm, summary)
     summary["paths_drawn"] = len(module.trained_paths)
     if trainer.is_global_zero and not trainer.fast_dev_run:
@@ -253,9 +259,10 @@ def run_stitch(cfg: DictConfig) -> dict:
                 "system_file": summary["system_file"],
                 "stored_params": system.stored_params(),
                 "val_acc_at_init": summary.get("val_acc_at_init"),
+                "val_acc_at_init_lsinit": summary.get("val_acc_at_init_lsinit"),
                 "descendants": rows,
             }
-            path = out_dir / "descendants.json"
+            path = table_path(summary["system_file"])
             atomic_write_text(path, json.dumps(table, indent=1))
             summary["table"] = str(path)
         if cfg.export_to:
