@@ -6,14 +6,14 @@
 #   trained from scratch.
 # Every stage prints its wall and CPU time (bash `time`: real / user / sys) and is skipped when
 # its output exists (rerun to resume). AUX_STEPS / STEPS: training steps of the auxiliary
-# distillations (default 150) and of every fine-tune (default 100, the same for pool and SN-Net);
+# distillations (default 150) and of every fine-tune (default 80, the same for pool and SN-Net);
 # SNNET_EVAL: the SN-Net descendants evaluated on the test split (default the two anchors and two
 # stitches; SNNET_EVAL=null evaluates all 25, about 40 more CPU-minutes).
 #   OMP_NUM_THREADS=1 bash scripts/learngene_cpu.sh > outputs/logs/learngene_cpu.log 2>&1
 set -euo pipefail
 cd "$(dirname "$0")/.."
 AUX_STEPS=${AUX_STEPS:-150}
-STEPS=${STEPS:-100}
+STEPS=${STEPS:-80}
 DATA=${DATA:-data.root=../shared/data/cifar10-jpeg}
 M=outputs/models/learngene
 SNNET_EVAL=${SNNET_EVAL:-[0,1,12,23]}

@@ -90,7 +90,7 @@ def test_descendants_run_small_first_and_have_the_declared_costs():
     costs = system.costs()
     x = torch.randn(2, 3, 32, 32)
     stitched = [d for d in system.descendants if d.stitched]
-    # equal depth D = 6: 3D - 2 = 16 positions, minus those crossing a stage boundary
+    # equal depth D = 6: 3D - 3 = 15 positions, minus 4 crossing a stage boundary
     assert len(stitched) == 11 and all(d.front == 0 and d.back == 1 for d in stitched)
     assert all(abs(d.back_start - d.front_blocks) <= 1 for d in stitched)
     for d in system.descendants:
@@ -321,3 +321,61 @@ def test_customize_bad_ids_and_impossible_budgets_fail_clearly_and_write_nothing
     with pytest.raises(ValueError, match="learngene.pool= is required"):
         _customize({"system_file": "null"}, out, "budget.max_flops=1e9")
     assert not (tmp_path / "x").exists()
+
+
+def _vit(width: int, heads: int, depth: int, seed: int):
+    from metamorph.models import CifarViT, ViTArch
+
+    torch.manual_seed(seed)
+    return CifarViT(ViTArch(embed_dim=width, num_heads=heads, depth=depth, patch_size=8)).eval()
+
+
+def test_vit_family_distils_with_attention_maps_and_stitches_linearly():
+    anc = _vit(16, 2, 6, 0)
+    tiny = auxiliary_network(anc, 0.5, 3)
+    assert (tiny.arch.embed_dim, tiny.arch.num_heads, tiny.arch.depth) == (8, 1, 3)
+    d = AuxDistiller(tiny, anc, "front_end")
+    assert d.attention and len(d.transforms.attn_maps) == 3
+    loss, parts = d.loss(torch.randn(2, 3, 32, 32), torch.tensor([1, 2]))
+    loss.backward()
+    assert parts["att"] > 0
+    assert all(p.grad is not None for p in d.transforms.attn_maps.parameters())
+    base = auxiliary_network(anc, 1.0, 3)
+    system = StitchedSystem([tiny.eval(), base.eval()], ["tiny", "base"]).eval()
+    stitched = [x for x in system.descendants if x.stitched]
+    assert len(stitched) == 3 * 3 - 3  # k in {j, j+1, j+2} within the back's blocks
+    x = torch.randn(2, 3, 32, 32)
+    initialize_stitches(system, "ours", maps={0: d.transforms.learned_maps()})
+    initialize_stitches(system, "snnet", x)
+    costs = system.costs()
+    torch.testing.assert_close(system(x, 0), tiny(x))
+    for desc in system.descendants:
+        net = system.materialize(desc.id).eval()
+        torch.testing.assert_close(net(x), system(x, desc.id))
+        assert costs[desc.id] == {"params": count_params(net), "flops": count_flops(net)}
+
+
+def test_ancestry_init_copies_evenly_spaced_blocks_and_needs_full_width():
+    from metamorph.methods.learngene.auxiliary import evenly_spaced, inherit_from_ancestry
+
+    assert evenly_spaced(2, 9) == [0, 8] and evenly_spaced(3, 9) == [0, 4, 8]
+    anc = ancestry(per_stage=3)
+    student = auxiliary_network(anc, 1.0, 6)
+    assert inherit_from_ancestry(student, anc) == [0, 2, 3, 5, 6, 8]
+    a, s = anc.blocks(), student.blocks()
+    torch.testing.assert_close(s[3].conv1.weight, a[5].conv1.weight)
+    torch.testing.assert_close(student.fc.weight, anc.fc.weight)
+    with pytest.raises(ValueError, match="task.width=1.0"):
+        inherit_from_ancestry(auxiliary_network(anc, 0.5, 6), anc)
+
+
+def test_logit_reduction_scales_the_kd_term():
+    anc = ancestry()
+    torch.manual_seed(0)
+    student = auxiliary_network(anc, 0.5, 6)
+    x, y = torch.randn(3, 3, 32, 32), torch.tensor([0, 1, 2])
+    mean = AuxDistiller(student, anc, logit_reduction="mean").loss(x, y)[1]["logit"]
+    per_image = AuxDistiller(student, anc, logit_reduction="batchmean").loss(x, y)[1]["logit"]
+    torch.testing.assert_close(per_image, mean * 10)  # 10 classes
+    with pytest.raises(ValueError, match="logit_reduction"):
+        AuxDistiller(student, anc, logit_reduction="sum")

@@ -29,6 +29,40 @@ from metamorph.models.resnet_cifar import ResNetArch
 from metamorph.models.stitched import make_stitch
 
 POSITIONS = ("end", "front_end")
+LOGIT_REDUCTIONS = ("mean", "batchmean")
+AUX_INITS = ("random", "ancestry")
+
+
+def evenly_spaced(n: int, total: int) -> list[int]:
+    """``n`` indices of ``range(total)`` spread evenly, first and last included."""
+    if n > total:
+        raise ValueError(f"cannot pick {n} of {total} blocks")
+    if n == 1:
+        return [total - 1]
+    return [round(i * (total - 1) / (n - 1)) for i in range(n)]
+
+
+@torch.no_grad()
+def inherit_from_ancestry(student: nn.Module, ancestry: nn.Module) -> list[int]:
+    """Copy the ancestry's stem, head and evenly spaced blocks (per stage for ResNets) into a
+    student of the same width: a depth-reduced ancestry to start the distillation from (an
+    option for small budgets; the paper starts from random init). Returns the blocks taken."""
+    s, t = as_block_seq(student), as_block_seq(ancestry)
+    if list(dict.fromkeys(s.block_dims)) != list(dict.fromkeys(t.block_dims)):
+        raise ValueError(
+            "task.init=ancestry needs the auxiliary model at the ancestry's width (task.width=1.0); "
+            "use task.init=random for reduced widths"
+        )
+    taken = []
+    for stage in sorted(set(s.block_stages)):
+        si = [i for i, g in enumerate(s.block_stages) if g == stage]
+        ti = [i for i, g in enumerate(t.block_stages) if g == stage]
+        taken += [ti[k] for k in evenly_spaced(len(si), len(ti))]
+    s.stem.load_state_dict(t.stem.state_dict())
+    s.head.load_state_dict(t.head.state_dict())
+    for i, j in enumerate(taken):
+        s.blocks[i].load_state_dict(t.blocks[j].state_dict())
+    return taken
 
 
 def auxiliary_arch(ancestry: ResNetArch, width: float, blocks: int) -> ResNetArch:
@@ -156,6 +190,8 @@ class AuxDistiller(nn.Module):
         positions: str = "front_end",
         ce_weight: float = 0.1,
         temperature: float = 1.0,
+        logit_reduction: str = "mean",
+        rep_weight: float = 1.0,
     ) -> None:
         super().__init__()
         self.student = as_block_seq(student)
@@ -169,6 +205,12 @@ class AuxDistiller(nn.Module):
             raise ValueError(f"ce_weight={ce_weight} must be in [0, 1]")
         self.ce_weight = float(ce_weight)
         self.temperature = float(temperature)
+        if logit_reduction not in LOGIT_REDUCTIONS:
+            raise ValueError(
+                f"logit_reduction={logit_reduction!r}; choose one of {LOGIT_REDUCTIONS}"
+            )
+        self.logit_reduction = logit_reduction
+        self.rep_weight = float(rep_weight)
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -181,7 +223,8 @@ class AuxDistiller(nn.Module):
         s_out, s_att, s_logits = trace(self.student, x, self.attention)
         t = self.temperature
         ce = F.cross_entropy(s_logits, y)
-        logit = -(F.softmax(t_logits / t, 1) * F.log_softmax(s_logits / t, 1)).mean()
+        logit = -(F.softmax(t_logits / t, 1) * F.log_softmax(s_logits / t, 1))
+        logit = logit.mean() if self.logit_reduction == "mean" else logit.sum(1).mean()
         rep = sum(
             F.mse_loss(s_out[i], m(t_out[j]))
             for (i, j), m in zip(self.transforms.pairs, self.transforms.maps)
@@ -193,7 +236,7 @@ class AuxDistiller(nn.Module):
                 for (i, j), m in zip(self.transforms.pairs, self.transforms.attn_maps)
             )
         a = self.ce_weight
-        total = a * ce + (1 - a) * (logit + rep + att)
+        total = a * ce + (1 - a) * (logit + self.rep_weight * (rep + att))
         acc = (s_logits.argmax(1) == y).float().mean()
         return total, {"ce": ce, "logit": logit, "rep": rep, "att": att, "acc": acc}
 

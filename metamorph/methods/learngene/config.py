@@ -23,6 +23,9 @@ class AuxConfig:
     positions: str = "front_end"  # supervised (student, teacher) block pairs: end | front_end
     ce_weight: float = 0.1  # alpha: L = a CE + (1 - a) (logit KD + block MSE [+ attention MSE])
     temperature: float = 1.0
+    logit_reduction: str = "mean"  # mean: over batch x classes (official) | batchmean: per image
+    rep_weight: float = 1.0  # weight of the block-output (and attention) MSE terms
+    init: str = "random"  # random (the paper) | ancestry: evenly spaced ancestry blocks (width 1.0)
     optim: OptimConfig = field(default_factory=_adamw)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
 

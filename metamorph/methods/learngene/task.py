@@ -26,7 +26,13 @@ from safetensors.torch import load_file, save_file
 from metamorph.config.schema import typed
 from metamorph.io.atomic import atomic_write, atomic_write_text
 from metamorph.io.model_file import pair_paths, save_model
-from metamorph.methods.learngene.auxiliary import AuxDistiller, auxiliary_network, student_network
+from metamorph.methods.learngene.auxiliary import (
+    AUX_INITS,
+    AuxDistiller,
+    auxiliary_network,
+    inherit_from_ancestry,
+    student_network,
+)
 from metamorph.methods.learngene.config import AuxConfig, StitchConfig
 from metamorph.methods.learngene.module import AUX_KIND, STITCH_KIND, AuxModule, StitchModule
 from metamorph.methods.learngene.pool import StitchedSystem, initialize_stitches, save_system
@@ -76,6 +82,18 @@ def _require(path: str | None, what: str) -> str:
     return str(path)
 
 
+def _distiller(student, ancestry, tc: AuxConfig) -> AuxDistiller:
+    return AuxDistiller(
+        student,
+        ancestry,
+        tc.positions,
+        tc.ce_weight,
+        tc.temperature,
+        tc.logit_reduction,
+        tc.rep_weight,
+    )
+
+
 def _fit_test(cfg: DictConfig, module: L.LightningModule, dm, summary: dict) -> L.Trainer:
     trainer = build_trainer(cfg)
     if cfg.train:
@@ -106,7 +124,10 @@ def run_aux(cfg: DictConfig) -> dict:
         )
     dm.set_normalization(ancestry.arch.mean, ancestry.arch.std)
     student = auxiliary_network(ancestry, tc.width, tc.blocks)
-    distiller = AuxDistiller(student, ancestry, tc.positions, tc.ce_weight, tc.temperature)
+    if tc.init not in AUX_INITS:
+        raise ValueError(f"task.init={tc.init!r}; choose one of {AUX_INITS}")
+    inherited = inherit_from_ancestry(student, ancestry) if tc.init == "ancestry" else None
+    distiller = _distiller(student, ancestry, tc)
     module = AuxModule(distiller, tc, hparams={"config": plain(cfg)})
     out_dir = Path(cfg.paths.output_dir)
     pairs = distiller.transforms.pairs
@@ -116,6 +137,9 @@ def run_aux(cfg: DictConfig) -> dict:
     )
     summary: dict = {"task": "learngene_aux", "width": tc.width, "blocks": tc.blocks}
     summary["pairs"] = [list(p) for p in pairs]
+    summary["init"] = tc.init
+    if inherited is not None:
+        summary["inherited_blocks"] = inherited
     trainer = _fit_test(cfg, module, dm, summary)
     if trainer.is_global_zero and not trainer.fast_dev_run:
         meta = {"name": cfg.name, "learngene": {**summary, "ancestry": tc.ancestry}}
@@ -285,7 +309,7 @@ def load_aux_checkpoint(path, map_location: str = "cpu"):
     tc = typed(AuxConfig, ckpt["hyper_parameters"]["config"]["task"], "task")
     ancestry = load_any_model(tc.ancestry)
     student = auxiliary_network(ancestry, tc.width, tc.blocks)
-    distiller = AuxDistiller(student, ancestry, tc.positions, tc.ce_weight, tc.temperature)
+    distiller = _distiller(student, ancestry, tc)
     state = {
         k.removeprefix("distiller."): v
         for k, v in ckpt["state_dict"].items()
