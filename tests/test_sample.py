@@ -341,6 +341,47 @@ def test_latency_is_predicted_only_after_cheap_filters_and_chosen_measured(modul
     assert best.measured_latency_ms == sum(map(sum, best.hidden)) / 1000
 
 
+def test_latency_budget_final_check_runs_in_a_fresh_process_on_the_model_file(
+    module, tmp_path, monkeypatch
+):
+    """select_for_budget's default end-to-end check is metamorph.devices.fresh.measure_deployed:
+    the chosen shape written as a model file and measured as metamorph-profile measures it."""
+    from metamorph.devices import Timing
+    from metamorph.devices import fresh as fresh_mod
+    from metamorph.devices import measure as measure_mod
+
+    seen = []
+
+    def spawn(args, timeout):  # the child, run here; what it measured is a model file
+        from contextlib import redirect_stdout
+        from io import StringIO
+
+        seen.append(json.loads(Path(args[0]).read_text())["arch"]["hidden"])
+        out = StringIO()
+        with redirect_stdout(out):
+            fresh_mod.main(args)
+        return out.getvalue()
+
+    fake = lambda m, xs, p, t: Timing(1.0, 1.0, 1.0, 5, 1)  # noqa: E731
+    monkeypatch.setitem(measure_mod.TIMERS, "torch_cpu", fake)
+    monkeypatch.setattr(fresh_mod, "_spawn", spawn)
+
+    class FakePredictor:
+        def predict(self, arch):
+            return 0.5
+
+    cands = candidate_shapes(module.net, gamma_step=0.45, max_gamma=0.9, n_random=0)
+    best, _ = select_for_budget(
+        module,
+        cands,
+        Budget(max_latency_ms=2.0, device="cpu1_b1"),
+        _val(module, tmp_path, 10),
+        k=1,
+        predictor=FakePredictor(),
+    )
+    assert seen == [best.hidden] and best.measured.extra["measured_in"] == fresh_mod.HOW
+
+
 def test_budget_cli_reports_choice(ckpt, tmp_path, capsys):
     out = tmp_path / "b" / "r14_budget"
     cfg = sample_cfg(

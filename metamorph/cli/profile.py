@@ -27,6 +27,7 @@ from metamorph.devices import (
     get_profile,
     measure_model,
 )
+from metamorph.devices.fresh import measure_file
 from metamorph.runtime.summary import print_summary
 
 COMMANDS = ("measure", "lut")
@@ -86,7 +87,10 @@ def run_measure(cfg: DictConfig) -> dict:
     if cfg.min_run_time is not None:
         profile.min_run_time = float(cfg.min_run_time)  # recorded with the result
     model, what = load_for_profiling(cfg)
-    m = measure_model(model, profile)
+    if cfg.gamma is None and cfg.hidden is None:  # a plain network file: the budgets' final check
+        m = measure_file(str(cfg.src), profile)  # measures with this too (devices.fresh)
+    else:
+        m = measure_model(model, profile)
     s = {"model": what, **m.to_dict()}
     if hasattr(model, "arch"):
         s["hidden"] = model.arch.hidden

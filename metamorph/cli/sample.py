@@ -88,6 +88,7 @@ def _measured_record(m) -> dict:
         else m.measured_memory_what,
         "cpu": m.machine["cpu"],
         "fingerprint": m.fingerprint,
+        "measured_in": m.extra.get("measured_in", "this process"),
     }
 
 
@@ -368,6 +369,15 @@ def report(s: dict) -> None:
             f"  device  {m['device']}: measured {m['latency_ms']:.3f} ms (IQR {m['latency_iqr_ms']:.3f})"
             f"{pred}, memory {m['memory_mb']:.2f} MB [{m['memory_what']}]"
         )
+        notes = [f"measured in a {m['measured_in']}"] if "fresh" in m["measured_in"] else []
+        b = s.get("budget") or {}
+        if b.get("accepted_latency_ms") is not None:
+            notes.append(
+                f"accepted at <= {b['accepted_latency_ms']:.4g} ms (budget "
+                f"{b['max_latency_ms']:g} ms less its {100 * b['latency_margin']:g}% margin)"
+            )
+        if notes:
+            print("          " + "; ".join(notes))
     if "onnx_max_abs_diff" in s:
         print(
             f"  onnx    max |logit diff| vs PyTorch {s['onnx_max_abs_diff']:.3g} "

@@ -421,11 +421,13 @@ def select_for_budget(
     the parameter/FLOP limits; accuracy (on ``batches``, EMA + K-sample emission) those within all
     of them. The most accurate (ties: fewer FLOPs, then parameters) is materialized and measured
     end to end on the budget's device (``measure``, default
-    :func:`metamorph.devices.measure_model`); if it measures over budget the next is tried, and
-    if none fits :class:`~metamorph.devices.BudgetError` is raised.
+    :func:`metamorph.devices.fresh.measure_deployed`: the model file in a fresh process, the
+    figure ``metamorph-profile`` gives the written model); if it measures over budget the next is
+    tried, and if none fits :class:`~metamorph.devices.BudgetError` is raised.
     """
-    from metamorph.devices import LatencyPredictor, estimate_memory, measure_model
+    from metamorph.devices import LatencyPredictor, estimate_memory
     from metamorph.devices import select_within_budget as select
+    from metamorph.devices.fresh import measure_deployed
 
     family = as_family(module, k=k, seed=seed)
     log = log or (lambda s: None)
@@ -473,7 +475,7 @@ def select_for_budget(
         else:
             model = family.materialize(o.item.hidden).cpu()
         log(f"  measuring {o.label} end to end on {profile.name}")
-        return (measure or (lambda m: measure_model(m, profile)))(model)
+        return (measure or (lambda m: measure_deployed(m, profile)))(model)
 
     try:
         best = select(
