@@ -38,7 +38,12 @@ from metamorph.devices import (  # noqa: E402
     machine_info,
     measure_model,
 )
-from metamorph.devices.validation import plot_validation, random_archs, validate  # noqa: E402
+from metamorph.devices.validation import (  # noqa: E402
+    plot_validation,
+    random_archs,
+    spearman,
+    validate,
+)
 from metamorph.models import fold_batchnorm  # noqa: E402
 from metamorph.models.resnet_cifar import CifarResNet  # noqa: E402
 
@@ -71,6 +76,14 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--min-run-time", type=float, default=None, help="override the profiles'")
     ap.add_argument("--out-dir", default="outputs/bench_devices")
+    ap.add_argument("--parts", default="latency,predictor", help="latency and/or predictor")
+    ap.add_argument("--method", default="isolated", help="predictor tables: isolated | chain")
+    ap.add_argument(
+        "--also-method",
+        default="",
+        help="part 2 also scores a table of this method (chain | isolated) against the same "
+        "end-to-end figures (a paired comparison)",
+    )
     ap.add_argument(
         "--cache-dir",
         default=None,
@@ -106,12 +119,16 @@ def main() -> None:
     for n, why in skipped.items():
         print(f"skipped {n}: {why}")
 
+    parts = {x for x in args.parts.split(",") if x}
+    if not parts <= {"latency", "predictor"}:
+        ap.error(f"--parts {args.parts}: choose from latency, predictor")
+
     # part 1: the two networks at full width and three sampled shapes
     latency = []
-    for arch in archs:
+    for arch in archs if "latency" in parts else []:
         src, shapes = shapes_of(arch, MODELS.get(arch, ""))
         for p in profiles:
-            pred = LatencyPredictor(p, cache_dir=args.cache_dir)
+            pred = LatencyPredictor(p, cache_dir=args.cache_dir, method=args.method)
             for label, model in shapes:
                 m = measure_model(model, p)
                 latency.append({
@@ -132,18 +149,39 @@ def main() -> None:
 
     # part 2: predictor validation per profile and architecture
     val = []
-    for p in profiles:
+    for p in profiles if "predictor" in parts else []:
         for arch in archs:
-            r = validate(p, arch, args.n, args.seed, cache_dir=args.cache_dir)
+            ref = fold_batchnorm(metamorph.create_model(arch).eval())  # the drift check
+            ref0 = measure_model(ref, p).latency_ms
+            pred = LatencyPredictor(p, cache_dir=args.cache_dir, method=args.method)
+            r = validate(p, arch, args.n, args.seed, predictor=pred)
             png = plot_validation(r, out_dir / f"lut_{p.name}_{arch}.png")
             (out_dir / f"lut_{p.name}_{arch}.json").write_text(json.dumps(r, indent=1))
             val.append({k: r[k] for k in ("profile", "arch", "n", "mape_pct", "spearman", "entries")}
-                       | {"png": str(png.relative_to(ROOT))})  # fmt: skip
-    print("\n| profile | arch | shapes | MAPE % | Spearman | table entries | plot |")
-    print("|---|---|---:|---:|---:|---:|---|")
+                       | {"method": args.method, "png": str(png.relative_to(ROOT))})  # fmt: skip
+            if args.also_method:  # the same end-to-end figures against the other table
+                other = LatencyPredictor(p, cache_dir=args.cache_dir, method=args.also_method)
+                shapes = [a for _, a in random_archs(arch, args.n, args.seed)]
+                other.ensure(shapes)
+                pr = [other.predict(a) for a in shapes]
+                me = [row["measured_ms"] for row in r["rows"]]
+                mape = 100.0 * sum(abs(x - y) / y for x, y in zip(pr, me)) / len(me)
+                val.append({"profile": p.name, "arch": arch, "n": args.n, "method": args.also_method,
+                            "mape_pct": round(mape, 3), "spearman": round(spearman(pr, me), 4),
+                            "entries": len(other.entries), "png": "-"})  # fmt: skip
+            drift = round(measure_model(ref, p).latency_ms / ref0, 4)
+            for row in val:  # full width measured before the table and after the validation
+                if row["profile"] == p.name and row["arch"] == arch:
+                    row["drift"] = drift
+    print("\n(drift: the full-width network's latency after the validation / before its table; "
+          "far from 1, the machine's speed changed during the run and the row is not valid)")  # fmt: skip
+    print(
+        "\n| profile | arch | method | shapes | MAPE % | Spearman | table entries | drift | plot |"
+    )
+    print("|---|---|---|---:|---:|---:|---:|---:|---|")
     for r in val:
-        print(f"| {r['profile']} | {r['arch']} | {r['n']} | {r['mape_pct']:.2f} | "
-              f"{r['spearman']:.3f} | {r['entries']} | {r['png']} |")  # fmt: skip
+        print(f"| {r['profile']} | {r['arch']} | {r['method']} | {r['n']} | {r['mape_pct']:.2f} | "
+              f"{r['spearman']:.3f} | {r['entries']} | {r['drift']:.3f} | {r['png']} |")  # fmt: skip
     summary = {
         "machine": info,
         "latency": latency,

@@ -223,6 +223,17 @@ def test_prediction_is_exactly_the_sum_of_its_entries(tmp_path):
     before = timer.calls
     pred.predict(tiny_arch([[3, 1], [8, 5], [2, 2]]))
     assert timer.calls == before + 1  # the one new block (8 -> 2 -> 8, stride 1)
+    # method "chain": (8 -> 2 -> 8, stride 1) is measured with the table, as the block after
+    # 8 -> 2 -> 8, stride 2 in that block's chain
+    timer = FakeTimer()
+    pred = LatencyPredictor(
+        fast("cpu1_b1"), cache_dir=tmp_path, timer=timer, machine=MACHINE_A, method="chain"
+    )
+    detail = pred.predict_detail(arch)
+    assert detail.latency_ms == sum(pred.entries[p.key] for p in pieces) == pred.predict(arch)
+    before = timer.calls
+    pred.predict(tiny_arch([[3, 1], [8, 5], [2, 2]]))
+    assert timer.calls == before
 
 
 def test_session_runtimes_store_blocks_net_of_the_call_cost(tmp_path):
@@ -233,7 +244,7 @@ def test_session_runtimes_store_blocks_net_of_the_call_cost(tmp_path):
     total = pred.predict(arch)
     call = pred.entries[CALL_KEY]
     assert call == pytest.approx(0.01)  # the empty graph: no parameters, one input
-    for p in pieces_of(arch):
+    for p in pieces_of(arch):  # the fake's cost of one block (its chain's call cost removed)
         module, xs = p.build(pred.profile)
         raw = sum(q.numel() for q in module.parameters()) / 1000 + 0.01 * len(xs)
         assert pred.entries[p.key] == pytest.approx(raw if p.overhead else raw - call)
@@ -273,6 +284,46 @@ def test_tables_round_trip_through_the_cache_and_rebuild_for_another_machine(tmp
     assert p4.rebuilt and p4.entries == {}
     p4.predict(arch)
     assert t4.calls == 6 and json.loads(p1.path.read_text())["fingerprint"] == p1.fingerprint
+
+
+def test_block_entries_are_timed_inside_chains_and_the_method_is_part_of_the_key(tmp_path):
+    from metamorph.devices.predictor import CHAIN
+    from metamorph.models.resnet_cifar import BasicBlock
+
+    seen = []
+
+    def timer(module, xs, profile, min_run_time):
+        seen.append(module)
+        return FakeTimer()(module, xs, profile, min_run_time)
+
+    prof, arch = fast("cpu1_b1"), tiny_arch([[4, 2], [6, 8], [3]])
+    chained = LatencyPredictor(
+        prof, cache_dir=tmp_path, timer=timer, machine=MACHINE_A, method="chain"
+    )
+    # 5 blocks, the stem + head, and the stride-1 follow-ups of the two stride-2 blocks' chains
+    chained.predict(arch)
+    assert len(seen) == len(chained.entries) == 8
+    chains = [m for m in seen if isinstance(m, nn.Sequential)]
+    assert len(chains) == 7 and all(len(c) == CHAIN for c in chains)  # every block entry
+    for c in chains:  # blocks of their own weights, each fed the previous one's output
+        assert all(isinstance(b, BasicBlock) for b in c)
+        assert len({id(b.conv1.weight) for b in c}) == CHAIN
+    assert {(c[0].conv1.stride[0], c[1].conv1.stride[0]) for c in chains} == {(1, 1), (2, 1)}
+    # one block per entry: a FakeTimer chain costs its blocks + one call's 0.01 ms, so each
+    # entry is its block plus a CHAIN-th of a call (a follow-up's entry is subtracted exactly)
+    for p in pieces_of(arch)[:-1]:
+        blk, _ = p.build(prof)
+        one = sum(q.numel() for q in blk.parameters()) / 1000
+        assert chained.entries[p.key] == pytest.approx(one + 0.01 / CHAIN)
+    isolated = LatencyPredictor(
+        prof, cache_dir=tmp_path, timer=FakeTimer(), machine=MACHINE_A, method="isolated"
+    )
+    assert isolated.fingerprint != chained.fingerprint and isolated.entries == {}
+    isolated.predict(arch)
+    assert json.loads(isolated.path.read_text())["method"] == "isolated"
+    assert json.loads(chained.path.read_text())["method"] == "chain"
+    with pytest.raises(ValueError, match="unknown predictor method 'chained'"):
+        LatencyPredictor(prof, cache_dir=tmp_path, timer=FakeTimer(), method="chained")
 
 
 def test_cache_dir_follows_metamorph_cache(tmp_path, monkeypatch):

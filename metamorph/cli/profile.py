@@ -160,7 +160,13 @@ def run_lut(cfg: DictConfig, log=print) -> dict:
     log(
         f"[metamorph-profile] predictor for {profile.name}: validating on {cfg.n} {cfg.arch} shapes"
     )
-    pred = LatencyPredictor(profile, cache_dir=cfg.cache_dir, log=log, rebuild=bool(cfg.rebuild))
+    pred = LatencyPredictor(
+        profile,
+        cache_dir=cfg.cache_dir,
+        log=log,
+        rebuild=bool(cfg.rebuild),
+        method=str(cfg.get("method", "isolated")),
+    )
     r = validate(
         profile, str(cfg.arch), int(cfg.n), int(cfg.seed), bool(cfg.bn), log=log, predictor=pred
     )
@@ -168,7 +174,7 @@ def run_lut(cfg: DictConfig, log=print) -> dict:
     png = plot_validation(r, stem.with_suffix(".png"))
     atomic_write_text(stem.with_suffix(".json"), json.dumps(r, indent=1))
     s = {k: v for k, v in r.items() if k != "rows"}
-    s.update(png=str(png), json=str(stem.with_suffix(".json")))
+    s.update(method=pred.method, png=str(png), json=str(stem.with_suffix(".json")))
     return s
 
 

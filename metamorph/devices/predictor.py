@@ -2,11 +2,27 @@
 
 A network is decomposed into pieces keyed by their shapes (for the CIFAR ResNets: one entry per
 BasicBlock configuration: in-width, hidden width, out-width, stride, input resolution, shortcut,
-BN and variant; plus one stem+head piece). Each piece is measured once in isolation on the
-profile, and the prediction is **exactly** the sum of the network's block entries plus its fixed
-overhead, the measured stem+head piece (which also carries the runtime's per-call cost). Runtimes
-that run a whole graph per call (onnxruntime, OpenVINO) pay their call cost once per model, not
-once per block, so their block entries are stored net of it (the time of an empty graph).
+BN and variant; plus one stem+head piece). The prediction is **exactly** the sum of the network's
+block entries plus its fixed overhead, the measured stem+head piece (which also carries the
+runtime's per-call cost). Runtimes that run a whole graph per call (onnxruntime, OpenVINO) pay
+their call cost once per model, not once per block, so their block entries are stored net of it
+(the time of an empty graph).
+
+How a block entry is measured is the table's ``method`` (part of the cache key):
+
+- ``isolated`` (default): each block timed alone.
+- ``chain``: inside a chain of :data:`CHAIN` blocks, each with its own weights, fed by
+  the previous block's output, as in a network: a block that keeps its shape (stride 1, in = out)
+  is timed as ``CHAIN`` copies of itself, divided by ``CHAIN``; a block that changes the shape
+  (stride 2 or a new width) is timed followed by ``CHAIN - 1`` copies of the stride-1 block of its
+  output shape and hidden width, whose entry (measured first, in its own chain) is subtracted.
+  Timed alone, a block reuses one input and one output buffer and keeps its weights in cache, and
+  a per-call cost is paid per block; in a network neither holds. Issue 21 measured the isolated
+  sum 11.6% / 18.2% off (MAPE, R-20 / R-56, eager 1-thread) with the misses on narrow per-block
+  widths. Not the default: in the one clean paired comparison so far (12 R-20 shapes, eager
+  1-thread, shared machine at load 0.3) its entries came out ~11% above the isolated ones and it
+  over-predicted (MAPE 20.3% vs 6.4%); docs/results/devices.md has the idle-machine command that
+  decides.
 
 Tables are cached under ``$METAMORPH_CACHE/devices`` (default ``~/.cache/metamorph/devices``),
 one file per profile and machine fingerprint (:mod:`metamorph.devices.machine`) plus the
@@ -32,6 +48,8 @@ from metamorph.devices.measure import Timing, time_module
 from metamorph.devices.profiles import DeviceProfile, check_available, get_profile
 
 FORMAT = 1
+METHODS = ("chain", "isolated")
+CHAIN = 4  # blocks per timed chain (method "chain")
 # runtimes that execute a whole graph per call: their per-call cost is paid once per model
 SESSION_RUNTIMES = ("onnxruntime", "openvino")
 CALL_KEY = "call"
@@ -59,6 +77,11 @@ class Piece:
     key: str
     build: Callable[[DeviceProfile], tuple[nn.Module, tuple[torch.Tensor, ...]]]
     overhead: bool = False  # the fixed part (stem + head), not a block
+    # method "chain": the timed chain; entry = (time - follow_n * entry(follow)) / per
+    chain: Callable[[DeviceProfile], tuple[nn.Module, tuple[torch.Tensor, ...]]] | None = None
+    per: int = 1  # copies of this piece in the chain
+    follow: Piece | None = None  # the shape-keeping block after it (measured first)
+    follow_n: int = 0  # copies of ``follow`` in the chain
 
 
 class _StemHead(nn.Module):
@@ -93,24 +116,41 @@ def _cifar_resnet_pieces(arch) -> list[Piece]:
     pieces = []
     w0, in_ch, bn = a.stage_widths[0], a.in_channels, a.bn
     planes_in, div = w0, 1
+
+    def block_piece(cin, h, planes, stride, d_in, variant, keep) -> Piece:
+        sc = "id" if (stride == 1 and cin == planes) else a.shortcut
+        key = (
+            f"block:in{cin}-h{h}-out{planes}-s{stride}-r/{d_in}-sc{sc}-bn{int(bn)}"
+            f"-{variant}{'-keepbn' if keep else ''}"
+        )
+
+        def make(c=cin, st=stride):
+            return BasicBlock(c, h, planes, st, a.shortcut, bn, variant, keep_bn=keep)
+
+        def build(p):
+            r = p.resolution // d_in
+            return make(), (_rand(p, cin, r, r),)
+
+        if sc == "id":  # shape-keeping: a chain of copies of itself
+            piece = Piece(key, build, per=CHAIN)
+        else:  # then the copies of the shape-keeping block of its output shape
+            piece = Piece(key, build, per=1, follow_n=CHAIN - 1)
+            piece.follow = block_piece(planes, h, planes, 1, d_in * stride, variant, keep)
+
+        def chain(p):
+            r = p.resolution // d_in
+            tail = [make(planes, 1) for _ in range(piece.follow_n)]
+            return nn.Sequential(*[make() for _ in range(piece.per)], *tail), (_rand(p, cin, r, r),)
+
+        piece.chain = chain
+        return piece
+
     for s, (planes, hidden) in enumerate(zip(a.stage_widths, a.hidden)):
         for b, h in enumerate(hidden):
             stride = 2 if (s > 0 and b == 0) else 1
             name = f"layer{s + 1}.{b}"
             variant, keep = a.variant_of(name), name in a.bn_blocks
-            cin, d_in = planes_in, div
-            sc = "id" if (stride == 1 and cin == planes) else a.shortcut
-            key = (
-                f"block:in{cin}-h{h}-out{planes}-s{stride}-r/{d_in}-sc{sc}-bn{int(bn)}"
-                f"-{variant}{'-keepbn' if keep else ''}"
-            )
-
-            def build(p, cin=cin, h=h, planes=planes, stride=stride, d_in=d_in, v=variant, k=keep):
-                blk = BasicBlock(cin, h, planes, stride, a.shortcut, bn, v, keep_bn=k)
-                r = p.resolution // d_in
-                return blk, (_rand(p, cin, r, r),)
-
-            pieces.append(Piece(key, build))
+            pieces.append(block_piece(planes_in, h, planes, stride, div, variant, keep))
             planes_in, div = planes, div * stride
     w_last, classes = a.stage_widths[-1], a.num_classes
     head_div = div
@@ -176,7 +216,8 @@ class LatencyPredictor:
 
     ``timer`` (tests: a fake) measures one piece; ``machine`` (tests: a fake) replaces
     :func:`~metamorph.devices.machine.machine_info` in the fingerprint; ``rebuild`` ignores the
-    cached table (its entries are measured again and the file rewritten)."""
+    cached table (its entries are measured again and the file rewritten); ``method`` is how block
+    entries are measured (``chain`` or ``isolated``, see the module docstring; part of the key)."""
 
     def __init__(
         self,
@@ -186,7 +227,11 @@ class LatencyPredictor:
         machine: dict | None = None,
         log: Callable[[str], None] | None = None,
         rebuild: bool = False,
+        method: str = "isolated",
     ) -> None:
+        if method not in METHODS:
+            raise ValueError(f"unknown predictor method {method!r}; choose one of {METHODS}")
+        self.method = method
         self.profile = get_profile(profile)
         self.timer = timer or _default_timer
         if timer is None:
@@ -195,9 +240,10 @@ class LatencyPredictor:
         self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
         self.log = log or (lambda s: None)
         key = json.dumps(
-            [fingerprint(self.machine, self.profile.runtime), self.profile.timing_key()],
+            [fingerprint(self.machine, self.profile.runtime), self.profile.timing_key()]
+            + ([] if method == "isolated" else [{"method": method, "chain": CHAIN}]),
             sort_keys=True,
-        )
+        )  # "isolated" keeps the key of the tables written before methods existed
         self.fingerprint = hashlib.sha256(key.encode()).hexdigest()[:16]
         self.entries: dict[str, float] = {}
         self.measured = 0  # pieces measured by this instance (0 when the cache had them all)
@@ -232,6 +278,8 @@ class LatencyPredictor:
             "format": FORMAT,
             "profile": self.profile.to_dict(),
             "fingerprint": self.fingerprint,
+            "method": self.method,
+            "chain": CHAIN if self.method == "chain" else 1,
             "machine": self.machine,
             "entries": dict(sorted(self.entries.items())),
         }
@@ -255,28 +303,45 @@ class LatencyPredictor:
         were measured."""
         before = self.measured
         todo: dict[str, Piece] = {}
+
+        def add(piece: Piece) -> None:  # a chain's follow-up block is measured before it
+            if self.method == "chain" and piece.follow is not None:
+                add(piece.follow)
+            if piece.key not in self.entries:
+                todo.setdefault(piece.key, piece)
+
         for m in models_or_archs:
             for piece in pieces_of(m, family):
-                if piece.key not in self.entries:
-                    todo[piece.key] = piece
+                add(piece)
         if todo:
-            self.log(f"  measuring {len(todo)} predictor entries on {self.profile.name}")
+            self.log(
+                f"  measuring {len(todo)} predictor entries on {self.profile.name} ({self.method})"
+            )
             call = self._call_ms()
             for key, piece in todo.items():
-                module, xs = piece.build(self.profile)
-                ms = self._measure(module.eval(), xs)
-                self.entries[key] = ms if piece.overhead else max(0.0, ms - call)
+                self.entries[key] = self._entry(piece, call)
             self.save()
         return self.measured - before
+
+    def _entry(self, piece: Piece, call: float) -> float:
+        if piece.overhead:  # the stem + head, alone: it carries the per-call cost
+            module, xs = piece.build(self.profile)
+            return self._measure(module.eval(), xs)
+        if self.method == "isolated" or piece.chain is None:
+            module, xs = piece.build(self.profile)
+            return max(0.0, self._measure(module.eval(), xs) - call)
+        module, xs = piece.chain(self.profile)
+        ms = self._measure(module.eval(), xs) - call
+        if piece.follow_n:
+            ms -= piece.follow_n * self.entries[piece.follow.key]
+        return max(0.0, ms / piece.per)
 
     def predict_detail(self, model_or_arch, family: str = "cifar_resnet") -> Prediction:
         pieces = pieces_of(model_or_arch, family)
         self.ensure([model_or_arch], family)
         blocks = [(p.key, self.entries[p.key]) for p in pieces if not p.overhead]
         overhead = sum(self.entries[p.key] for p in pieces if p.overhead)
-        total = overhead
-        for _, v in blocks:
-            total += v
+        total = sum(self.entries[p.key] for p in pieces)  # in the network's order
         return Prediction(total, overhead, blocks)
 
     def predict(self, model_or_arch, family: str = "cifar_resnet") -> float:
