@@ -79,15 +79,16 @@ def main() -> None:
         remeasured.append((round(s["latency_ms"], 4), round(s["latency_iqr_ms"], 4)))
     budget = sample["budget"]
     final = sample["measured"]
-    figs = [final["latency_ms"]] + [m for m, _ in remeasured]
+    figs = list(final.get("process_medians_ms") or [final["latency_ms"]])
+    figs += [m for m, _ in remeasured]
     spread = max(figs) / min(figs) - 1.0
-    within = all(m <= args.budget_ms for m in figs)
+    within = all(m <= args.budget_ms for m in figs)  # the final check's processes and the repeats
     print(f"# metamorph-sample budget {args.budget_ms} ms on {args.device}: {sample['chosen']} "
           f"{json.dumps(sample['hidden'])}, {sample['params']:,} params")  # fmt: skip
     print(f"  predicted {sample.get('predicted_latency_ms')} ms; accepted at <= "
           f"{budget['accepted_latency_ms']} ms ({100 * budget['latency_margin']:g}% margin)")  # fmt: skip
     print(f"  final check ({final['measured_in']}): {final['latency_ms']} ms "
-          f"(IQR {final['latency_iqr_ms']})")  # fmt: skip
+          f"(IQR {final['latency_iqr_ms']}; per process {final.get('process_medians_ms')})")  # fmt: skip
     for i, (m, iqr) in enumerate(remeasured):
         print(f"  metamorph-profile run {i + 1}: {m} ms (IQR {iqr})")
     print(f"  all within {args.budget_ms} ms: {within}; spread of the {len(figs)} figures "
@@ -102,6 +103,7 @@ def main() -> None:
         "latency_margin": budget["latency_margin"],
         "final_check_ms": final["latency_ms"],
         "final_check_in": final["measured_in"],
+        "final_check_process_ms": final.get("process_medians_ms"),
         "remeasured_ms": [m for m, _ in remeasured],
         "within_budget": within,
         "spread_pct": round(100 * spread, 2),

@@ -139,13 +139,32 @@ def test_latency_margin_is_applied_reported_and_validated():
         "max_latency_ms": 1.0,
         "latency_margin": 0.05,
         "accepted_latency_ms": 0.95,
+        "latency_repeats": 3,
         "device": "ort_cpu1_b1",
     }
+    with pytest.raises(ValueError, match="budget.latency_repeats=0 must be a whole number >= 1"):
+        Budget(max_latency_ms=1.0, latency_repeats=0)
     assert Budget(max_params=5).to_dict() == {"max_params": 5}  # no latency: no margin shown
     for bad in (-0.1, 0.5, "x"):
         with pytest.raises(ValueError, match="budget.latency_margin=.* (must be in|is not a)"):
             Budget(max_latency_ms=1.0, latency_margin=bad)
     assert Budget.from_dict({"max_latency_ms": 2, "latency_margin": 0.1}).accepted_latency_ms == 1.8
+
+
+def test_repeated_fresh_processes_report_the_slowest(monkeypatch, emulated_child):
+    figures = iter([1.0, 1.3, 1.1])
+
+    def varying(module, xs, profile, min_run_time):  # one figure per (emulated) process
+        ms = next(figures)
+        return Timing(ms, ms, ms, 5, 1)
+
+    monkeypatch.setitem(measure_mod.TIMERS, "torch_cpu", varying)
+    m = fresh_mod.measure_deployed(_net(2), "cpu1_b1", repeats=3)
+    assert len(emulated_child) == 3 and m.latency_ms == 1.3
+    assert m.extra["process_medians_ms"] == [1.0, 1.3, 1.1]
+    assert m.extra["measured_in"].endswith("slowest of 3 processes")
+    with pytest.raises(ValueError, match="repeats=0 must be at least 1"):
+        fresh_mod.measure_deployed(_net(2), "cpu1_b1", repeats=0)
 
 
 def test_fresh_process_measures_the_model_file_for_real(tmp_path):

@@ -89,6 +89,11 @@ def _measured_record(m) -> dict:
         "cpu": m.machine["cpu"],
         "fingerprint": m.fingerprint,
         "measured_in": m.extra.get("measured_in", "this process"),
+        **(
+            {"process_medians_ms": m.extra["process_medians_ms"]}
+            if "process_medians_ms" in m.extra
+            else {}
+        ),
     }
 
 
@@ -370,6 +375,8 @@ def report(s: dict) -> None:
             f"{pred}, memory {m['memory_mb']:.2f} MB [{m['memory_what']}]"
         )
         notes = [f"measured in a {m['measured_in']}"] if "fresh" in m["measured_in"] else []
+        if len(m.get("process_medians_ms", [])) > 1:
+            notes.append("per process " + ", ".join(f"{v:.3f}" for v in m["process_medians_ms"]))
         b = s.get("budget") or {}
         if b.get("accepted_latency_ms") is not None:
             notes.append(

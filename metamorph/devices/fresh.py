@@ -57,21 +57,33 @@ def _spawn(args: list[str], timeout: float) -> str:
 
 
 def measure_deployed(
-    model: nn.Module, profile: DeviceProfile | str | dict, timeout: float = 600.0
+    model: nn.Module,
+    profile: DeviceProfile | str | dict,
+    repeats: int = 1,
+    timeout: float = 600.0,
 ) -> Measurement:
-    """``model`` saved as a model file and measured by :func:`measure_file` in a fresh process;
-    the result's ``extra["measured_in"]`` says so."""
+    """``model`` saved as a model file and measured by :func:`measure_file` in ``repeats`` fresh
+    processes, one after the other; the slowest is returned (a budget accepts on the worst
+    figure: one process's figure differs from the next one's by up to 16% on the shared 2-core
+    machine, docs/results/devices.md), with every process's median in
+    ``extra["process_medians_ms"]`` and ``extra["measured_in"]`` saying how it was measured."""
+    if int(repeats) < 1:
+        raise ValueError(f"repeats={repeats} must be at least 1")
     p = get_profile(profile)
     from metamorph.io.model_file import save_model
 
+    runs = []
     with tempfile.TemporaryDirectory(prefix="metamorph-deployed-") as d:
         path = save_model(model.eval().cpu(), Path(d) / "model")
-        out = _spawn([str(path), json.dumps(p.to_dict())], timeout)
-    lines = [ln for ln in out.splitlines() if ln.startswith(MARKER)]
-    if not lines:
-        raise RuntimeError("the fresh-process latency measurement printed no result")
-    m = Measurement.from_dict(json.loads(lines[-1][len(MARKER) :]))
-    m.extra["measured_in"] = HOW
+        for _ in range(int(repeats)):
+            out = _spawn([str(path), json.dumps(p.to_dict())], timeout)
+            lines = [ln for ln in out.splitlines() if ln.startswith(MARKER)]
+            if not lines:
+                raise RuntimeError("the fresh-process latency measurement printed no result")
+            runs.append(Measurement.from_dict(json.loads(lines[-1][len(MARKER) :])))
+    m = max(runs, key=lambda r: r.latency_ms)
+    m.extra["measured_in"] = HOW if len(runs) == 1 else f"{HOW}, slowest of {len(runs)} processes"
+    m.extra["process_medians_ms"] = [round(r.latency_ms, 6) for r in runs]
     return m
 
 

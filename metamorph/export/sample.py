@@ -475,7 +475,8 @@ def select_for_budget(
         else:
             model = family.materialize(o.item.hidden).cpu()
         log(f"  measuring {o.label} end to end on {profile.name}")
-        return (measure or (lambda m: measure_deployed(m, profile)))(model)
+        deployed = lambda m: measure_deployed(m, profile, repeats=budget.latency_repeats)  # noqa: E731
+        return (measure or deployed)(model)
 
     try:
         best = select(
