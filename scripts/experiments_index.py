@@ -29,6 +29,7 @@ RECOMMENDED = (
 METHODS = {
     "quickstart": "Quickstart (embedded cifar10-mini)",
     "finetune": "Fine-tuning the pretrained bases",
+    "pretrain": "Supervised pretraining from scratch (the ViT family)",
     "neumeta": "NeuMeta: one metamorphic block (Yang & Wang, ECCV 2024)",
     "full_network": "Full-network metamorphosis (every block, width and depth)",
     "nnfactory": "NN-Factory",

@@ -278,3 +278,11 @@ def test_bad_arch_gives_a_clear_error(kwargs, match):
 def test_wrong_image_size_is_a_clear_error():
     with pytest.raises(ValueError, match=r"takes 32x32 images .* got \(28, 28\)"):
         _vit()(torch.zeros(1, 3, 28, 28))
+
+
+def test_latency_predictor_validation_refuses_a_vit():
+    """The predictor's table holds BasicBlock shapes: a ViT name is refused, not half-built."""
+    from metamorph.devices.validation import random_archs
+
+    with pytest.raises(ValueError, match="arch=vit_tiny_c10 is not a CIFAR ResNet"):
+        random_archs("vit_tiny_c10", 2)

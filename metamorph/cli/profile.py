@@ -92,7 +92,7 @@ def run_measure(cfg: DictConfig) -> dict:
     else:
         m = measure_model(model, profile)
     s = {"model": what, **m.to_dict()}
-    if hasattr(model, "arch"):
+    if hasattr(getattr(model, "arch", None), "hidden"):  # a CIFAR ResNet's shape (not a ViT's)
         s["hidden"] = model.arch.hidden
         s["depth"] = model.arch.depth
     if earlier is not None:

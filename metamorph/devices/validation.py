@@ -22,9 +22,14 @@ KINDS = ("uniform", "per_block", "per_block_depth")
 
 def random_archs(name: str, n: int, seed: int = 0, bn: bool = False) -> list[tuple[str, object]]:
     """``n`` seeded ``(kind, ResNetArch)`` shapes of the registered architecture ``name``."""
-    from metamorph.models import create_model
+    from metamorph.models import ResNetArch, create_model
 
     base = create_model(name).arch
+    if not isinstance(base, ResNetArch):
+        raise ValueError(
+            f"arch={name} is not a CIFAR ResNet: the latency predictor's table covers "
+            "BasicBlock shapes only; measure this network with metamorph-profile model=<model file>"
+        )
     rng = random.Random(seed)
     out = []
     for i in range(n):
