@@ -87,8 +87,10 @@ def run_measure(cfg: DictConfig) -> dict:
     if cfg.min_run_time is not None:
         profile.min_run_time = float(cfg.min_run_time)  # recorded with the result
     model, what = load_for_profiling(cfg)
-    if cfg.gamma is None and cfg.hidden is None:  # a plain network file: the budgets' final check
-        m = measure_file(str(cfg.src), profile)  # measures with this too (devices.fresh)
+    from metamorph.runtime.checkpoints import checkpoint_kind
+
+    if checkpoint_kind(Path(str(cfg.src))) == "model_file":  # the budgets' final check measures
+        m = measure_file(str(cfg.src), profile)  # written models this way too (devices.fresh)
     else:
         m = measure_model(model, profile)
     s = {"model": what, **m.to_dict()}

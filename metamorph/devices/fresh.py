@@ -33,11 +33,11 @@ HOW = "fresh process on the written model file (metamorph-profile's measurement)
 
 
 def measure_file(path: str | os.PathLike, profile: DeviceProfile | str | dict) -> Measurement:
-    """What ``metamorph-profile model=<path> device=<profile>`` measures for a plain network:
-    the file loaded as users load it, measured end to end on ``profile``."""
-    from metamorph.runtime.networks import load_any_model
+    """What ``metamorph-profile model=<path> device=<profile>`` measures for a model file
+    (safetensors + JSON): the file loaded as users load it, measured end to end on ``profile``."""
+    from metamorph.io.model_file import load_model
 
-    return measure_model(load_any_model(Path(path)), get_profile(profile))
+    return measure_model(load_model(Path(path)), get_profile(profile))
 
 
 def _spawn(args: list[str], timeout: float) -> str:
