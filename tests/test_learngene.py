@@ -379,3 +379,25 @@ def test_logit_reduction_scales_the_kd_term():
     torch.testing.assert_close(per_image, mean * 10)  # 10 classes
     with pytest.raises(ValueError, match="logit_reduction"):
         AuxDistiller(student, anc, logit_reduction="sum")
+
+
+def test_stitch_fine_tune_resumes_from_last_ckpt(stages, tmp_path):
+    root, anc, aux, pool = stages
+    members = f"[{aux['tiny']['model_files'][0]},{aux['base']['model_files'][0]}]"
+    s = train.run(
+        compose_config(
+            "train",
+            tmp_path,
+            [
+                *SHORT,
+                "task=learngene_stitch",
+                f"task.members={members}",
+                f"task.ancestry={anc}",
+                "task.latency=false",
+                "task.evaluate=false",
+                "trainer.max_epochs=2",
+                f"ckpt_path={root / 'pool' / 'checkpoints' / 'last.ckpt'}",
+            ],
+        )
+    )
+    assert s["global_step"] == 4 and s["paths_drawn"] == 2  # steps 2, 3 only: continued
