@@ -348,6 +348,37 @@ def test_bad_tasks_and_impossible_budgets_fail_clearly_and_write_nothing(
     assert not (tmp_path / "out").exists()
 
 
+def test_customization_writes_a_checked_onnx_file_on_request(trained, tmp_path, monkeypatch):
+    pytest.importorskip("onnxruntime")
+    import onnxruntime as ort
+
+    monkeypatch.setattr(cust, "LatencyPredictor", FakePredictor)
+    monkeypatch.setattr(cust, "measure_model", fake_measure(lambda i: 1.0)[0])
+    s = _customize(
+        trained,
+        tmp_path,
+        "classes=[cat,dog,truck]",
+        "budget.max_flops=1e9",
+        "format=onnx",
+        "onnx.exporter=legacy",
+    )
+    assert s["onnx_max_abs_diff"] <= 1e-4 and Path(s["onnx"]).is_file()
+    model = load_checkpoint(s["model_file"])
+    sess = ort.InferenceSession(s["onnx"], providers=["CPUExecutionProvider"])
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    got = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
+    mean = torch.tensor(model.arch.mean).view(1, 3, 1, 1)
+    std = torch.tensor(model.arch.std).view(1, 3, 1, 1)
+    with torch.no_grad():
+        np.testing.assert_allclose(got, model((x - mean) / std).numpy(), atol=1e-4)
+    assert json.loads(Path(s["report"]).read_text())["onnx"] == s["onnx"]
+    with pytest.raises(ValueError, match="format='tflite'"):
+        _customize(
+            trained, tmp_path / "bad", "classes=[cat,dog]", "budget.max_flops=1e9", "format=tflite"
+        )
+    assert not (tmp_path / "bad" / "out").exists()
+
+
 def test_a_budget_every_candidate_measures_over_raises(trained, tmp_path, monkeypatch):
     monkeypatch.setattr(cust, "LatencyPredictor", FakePredictor)
     monkeypatch.setattr(cust, "measure_model", fake_measure(lambda i: 10.0)[0])

@@ -14,10 +14,11 @@ from conftest import TINY_DATA, compose_config, randomize_bn
 from omegaconf import OmegaConf
 
 from metamorph.devices import Budget, BudgetError
+from metamorph.export.outputs import write_customized
 from metamorph.methods.nnfactory import baselines as bl
 from metamorph.methods.nnfactory.assembler import Assembler, modules_on
 from metamorph.methods.nnfactory.class_tasks import TaskSplit, restrict, task_accuracy
-from metamorph.methods.nnfactory.customize import customize, recalibrate, write_outputs
+from metamorph.methods.nnfactory.customize import customize, recalibrate
 from metamorph.methods.nnfactory.evaluation import TestSplit, summarize
 from metamorph.methods.nnfactory.factory import Factory
 from metamorph.methods.nnfactory.supernet import ModularSupernet, arch_costs, random_mask
@@ -265,16 +266,12 @@ def test_onnx_output_matches_the_model_in_onnxruntime(tmp_path):
     import onnxruntime as ort
 
     model = bl.restrict_classifier(tiny_net(), (3, 5, 9))
-    cfg = OmegaConf.create({"export": {"normalize_in_graph": True}, "onnx": {"exporter": "legacy"}})
+    cfg = OmegaConf.create(
+        {"format": "onnx", "export": {"normalize_in_graph": True}, "onnx": {"exporter": "legacy"}}
+    )
     out = tmp_path / "o" / "m"
-    files = write_outputs(
-        model,
-        out,
-        {"classes": ["cat", "dog", "truck"]},
-        {"a": 1},
-        "onnx",
-        cfg,
-        ["cat", "dog", "truck"],
+    files = write_customized(
+        model, out, {"classes": ["cat", "dog", "truck"]}, {"a": 1}, cfg, ["cat", "dog", "truck"]
     )
     assert sorted(p.name for p in (tmp_path / "o").iterdir()) == [
         "m.customize.json",
@@ -300,7 +297,12 @@ def test_onnx_output_matches_the_model_in_onnxruntime(tmp_path):
 def test_a_failed_onnx_check_writes_nothing(tmp_path):
     pytest.importorskip("onnxruntime")
     model = bl.restrict_classifier(tiny_net(), (3, 5))
-    cfg = OmegaConf.create({"onnx": {"exporter": "legacy", "atol": -1.0}})
+    cfg = OmegaConf.create({"format": "onnx", "onnx": {"exporter": "legacy", "atol": -1.0}})
     with pytest.raises(ValueError, match="differ from PyTorch's"):
-        write_outputs(model, tmp_path / "o" / "m", {}, {}, "onnx", cfg, ["cat", "dog"])
+        write_customized(model, tmp_path / "o" / "m", {}, {}, cfg, ["cat", "dog"])
+    assert not (tmp_path / "o").exists()
+    with pytest.raises(ValueError, match="format='tflite': choose one of safetensors, onnx"):
+        write_customized(
+            model, tmp_path / "o" / "m", {}, {}, OmegaConf.create({"format": "tflite"})
+        )
     assert not (tmp_path / "o").exists()

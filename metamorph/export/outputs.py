@@ -7,10 +7,14 @@ file behind: not the staging folder, not a half-written file, not a folder creat
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
 
 
 def check_output_dir(folder: str | os.PathLike) -> Path:
@@ -103,3 +107,71 @@ class StagedOutputs:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         self._cleanup()
+
+
+# ----------------------------------------------------------------------------------------------
+# The files of metamorph-customize
+# ----------------------------------------------------------------------------------------------
+
+CUSTOMIZE_FORMATS = ("safetensors", "onnx")
+
+
+def output_format(cfg: DictConfig) -> str:
+    """``format`` of a metamorph-customize config, checked (a typo fails before any work)."""
+    fmt = str(OmegaConf.select(cfg, "format", default="safetensors"))
+    if fmt not in CUSTOMIZE_FORMATS:
+        raise ValueError(f"format={fmt!r}: choose one of {', '.join(CUSTOMIZE_FORMATS)}")
+    return fmt
+
+
+def write_customized(
+    model: nn.Module,
+    out: str | os.PathLike,
+    meta: dict,
+    report: dict,
+    cfg: DictConfig,
+    class_names: list[str] | None = None,
+) -> dict:
+    """A customized model's files, all or nothing: ``<out>.safetensors/.json``,
+    ``<out>.customize.json`` (``report`` plus the file entries) and with ``format=onnx``
+    ``<out>.onnx`` (:func:`~metamorph.export.formats.export_onnx`: normalisation in the graph
+    unless ``export.normalize_in_graph=false``, ``class_names`` in its metadata; checked with
+    onnxruntime against PyTorch within ``onnx.atol``). Returns the file entries for the summary."""
+    from metamorph.export.formats import check_onnx, export_onnx, input_spec
+    from metamorph.io.atomic import atomic_write_text
+    from metamorph.io.model_file import save_model
+
+    fmt = output_format(cfg)
+    out = Path(out)
+    files: dict = {}
+    nig = bool(OmegaConf.select(cfg, "export.normalize_in_graph", default=True))
+    if fmt == "onnx":
+        meta = {**meta, "input": input_spec(model, nig, class_names)}
+    with StagedOutputs(out.parent) as st:
+        js = save_model(model, st.path(out.name), meta=meta)
+        files["model_file"] = str(out.parent / js.name)
+        if fmt == "onnx":
+            path = st.path(out.name + ".onnx")
+            onnx = OmegaConf.select(cfg, "onnx", default=None) or {}
+            files["onnx_exporter"] = export_onnx(
+                model,
+                path,
+                opset=int(onnx.get("opset", 17)),
+                exporter=str(onnx.get("exporter", "auto")),
+                normalize_in_graph=nig,
+                class_names=class_names,
+            )
+            diff = check_onnx(path, model, batch=int(onnx.get("batch", 8)), normalize_in_graph=nig)
+            atol = float(onnx.get("atol", 1e-4))
+            if not diff <= atol:
+                raise ValueError(
+                    f"the ONNX export's logits differ from PyTorch's by {diff:.3g} > "
+                    f"onnx.atol={atol}; nothing was written"
+                )
+            files["onnx_max_abs_diff"] = diff
+            files["onnx"] = str(out.parent / path.name)
+        rep = st.path(out.name + ".customize.json")
+        files["report"] = str(out.parent / rep.name)
+        atomic_write_text(rep, json.dumps({**report, **files}, indent=1, default=str))
+        st.commit()
+    return files

@@ -13,7 +13,6 @@ achievable figures were). Nothing is written unless a model fits.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -25,10 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from metamorph.config.schema import typed
 from metamorph.devices import Budget, LatencyPredictor, Option, estimate_memory, measure_model
 from metamorph.devices import select_within_budget as select
-from metamorph.export.formats import check_onnx, export_onnx, input_spec
-from metamorph.export.outputs import StagedOutputs
-from metamorph.io.atomic import atomic_write_text
-from metamorph.io.model_file import save_model
+from metamorph.export.outputs import output_format, write_customized
 from metamorph.methods.nnfactory.assembler import modules_on
 from metamorph.methods.nnfactory.class_tasks import (
     Task,
@@ -226,9 +222,6 @@ def _proxy_set(dm, split: str, task: Task, n: int, seed: int):
     return dm.transform_batch(x[pick]), y[pick]
 
 
-OUTPUT_FORMATS = ("safetensors", "onnx")
-
-
 @register_customizer("nnfactory")
 def run_nnfactory(cfg: DictConfig) -> dict:
     """``metamorph-customize method=nnfactory``: see the module docstring."""
@@ -274,9 +267,7 @@ def run_nnfactory(cfg: DictConfig) -> dict:
     if ncfg.bn_images:
         split = "train" if ncfg.proxy_split != "train" else "val"
         bn_images = _proxy_set(dm, split, task, ncfg.bn_images, int(cfg.seed) + 1)[0]
-    fmt = str(cfg.get("format", "safetensors"))
-    if fmt not in OUTPUT_FORMATS:
-        raise ValueError(f"format={fmt!r}: choose one of {', '.join(OUTPUT_FORMATS)}")
+    output_format(cfg)  # a bad format= fails before any work
     load_s = time.perf_counter() - t_load
     names = task_names(task, factory.classes)
     print(
@@ -336,7 +327,7 @@ def run_nnfactory(cfg: DictConfig) -> dict:
     meta["nnfactory"]["mask"] = list(c.mask)
     meta["nnfactory"]["factory"] = str(ncfg.factory)
     report = {**summary, "options": [x.to_dict() for x in res.options]}
-    files = write_outputs(res.model, out, meta, report, fmt, cfg, names)
+    files = write_customized(res.model, out, meta, report, cfg, names)
     summary.update(files)
     print(
         f"[metamorph-customize] {c.label}: {summary['modules_on']}/{summary['modules']} modules, "
@@ -344,50 +335,3 @@ def run_nnfactory(cfg: DictConfig) -> dict:
         f"whole command {summary['wall_s']:.2f} s"
     )
     return summary
-
-
-def write_outputs(
-    model: CifarResNet,
-    out: Path,
-    meta: dict,
-    report: dict,
-    fmt: str,
-    cfg: DictConfig,
-    class_names: list[str],
-) -> dict:
-    """``<out>.safetensors/.json``, ``<out>.customize.json`` and with ``format=onnx``
-    ``<out>.onnx`` (the project's exporter, normalisation in the graph unless
-    ``export.normalize_in_graph=false``, checked with onnxruntime against PyTorch), all or
-    nothing: a failed export or check leaves no file. Returns the summary's file entries."""
-    files: dict = {}
-    nig = bool(OmegaConf.select(cfg, "export.normalize_in_graph", default=True))
-    if fmt == "onnx":
-        meta = {**meta, "input": input_spec(model, nig, class_names)}
-    with StagedOutputs(out.parent) as st:
-        files["model_file"] = str(out.parent / save_model(model, st.path(out.name), meta=meta).name)
-        if fmt == "onnx":
-            path = st.path(out.name + ".onnx")
-            onnx = OmegaConf.select(cfg, "onnx", default=None) or {}
-            files["onnx_exporter"] = export_onnx(
-                model,
-                path,
-                opset=int(onnx.get("opset", 17)),
-                exporter=str(onnx.get("exporter", "auto")),
-                normalize_in_graph=nig,
-                metadata={"metamorph_task": class_names},
-                class_names=class_names,
-            )
-            diff = check_onnx(path, model, batch=int(onnx.get("batch", 8)), normalize_in_graph=nig)
-            atol = float(onnx.get("atol", 1e-4))
-            if not diff <= atol:
-                raise ValueError(
-                    f"the ONNX export's logits differ from PyTorch's by {diff:.3g} > "
-                    f"onnx.atol={atol}; nothing was written"
-                )
-            files["onnx_max_abs_diff"] = diff
-            files["onnx"] = str(out.parent / path.name)
-        rep = st.path(out.name + ".customize.json")
-        files["report"] = str(out.parent / rep.name)
-        atomic_write_text(rep, json.dumps({**report, **files}, indent=1, default=str))
-        st.commit()
-    return files
