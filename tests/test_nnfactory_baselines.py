@@ -306,3 +306,28 @@ def test_a_failed_onnx_check_writes_nothing(tmp_path):
             model, tmp_path / "o" / "m", {}, {}, OmegaConf.create({"format": "tflite"})
         )
     assert not (tmp_path / "o").exists()
+
+
+def test_when_every_ranked_assembly_measures_over_the_next_largest_is_tried():
+    f = tiny_factory()
+    task = (3, 5, 9)
+    budget = _budget(0.6)
+    calls = []
+
+    def measure(model):  # the two ranked ones measure far over their prediction
+        calls.append(FakePredictor().predict(model.arch))
+        return fake_measure(100.0 if len(calls) <= 2 else 1.0)(model)
+
+    res = customize(
+        f, task, budget, (PX, PY), GRID, 2, 0, 2, predictor=FakePredictor(), measure=measure
+    )
+    feasible = [
+        o
+        for o in res.options
+        if o.predicted_ms is not None and o.predicted_ms <= budget.accepted_latency_ms
+    ]
+    unranked = sorted(
+        (o.predicted_ms for o in feasible if o.item[0].proxy_acc is None), reverse=True
+    )
+    assert len(calls) >= 3 and res.chosen.proxy_acc is None
+    assert res.option.predicted_ms == unranked[0]  # the largest unranked, not the smallest

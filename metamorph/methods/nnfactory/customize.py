@@ -143,9 +143,13 @@ def customize(
 
     def score(within: list[Option]) -> None:
         # the least sparse feasible assemblies (closest to the budget) are the ones worth
-        # ranking; the rest keep no score and rank after them
+        # ranking; the rest rank after them, closest to the budget first (a negative score: if
+        # every ranked one measures over budget, the next tried is the next largest, not the
+        # smallest network)
         order = sorted(within, key=lambda o: -(o.predicted_ms or o.flops))
         picked = order[: rank_top or None]
+        for i, o in enumerate(order[len(picked) :]):
+            o.score = -1.0 - i
         log(
             f"  ranking {len(picked)} of {len(within)} feasible assemblies on {len(y)} proxy images"
         )
