@@ -37,3 +37,30 @@ def callback_metric(trainer: L.Trainer, key: str) -> float | None:
     """A logged metric of the last fit/test as a float, or ``None`` if it was not logged."""
     v = trainer.callback_metrics.get(key)
     return None if v is None else float(v)
+
+
+def fit_and_test(
+    cfg: DictConfig,
+    module: L.LightningModule,
+    dm: L.LightningDataModule,
+    summary: dict,
+    metric: str = "acc",
+    trainer: L.Trainer | None = None,
+) -> L.Trainer:
+    """The fit (``cfg.train``, resuming from ``cfg.ckpt_path``) and test (``cfg.test``) passes
+    every training task runs, recording ``train_time_s``, ``val/<metric>``, ``global_step`` and
+    ``test/<metric>`` in ``summary``; checkpoints are loaded with ``weights_only`` (no pickled
+    code runs)."""
+    import time
+
+    trainer = trainer or build_trainer(cfg)
+    if cfg.train:
+        t = time.time()
+        trainer.fit(module, datamodule=dm, ckpt_path=cfg.ckpt_path, weights_only=True)
+        summary["train_time_s"] = round(time.time() - t, 1)
+        summary[f"val/{metric}"] = callback_metric(trainer, f"val/{metric}")
+        summary["global_step"] = trainer.global_step
+    if cfg.test:
+        trainer.test(module, datamodule=dm, verbose=False, weights_only=True)
+        summary[f"test/{metric}"] = callback_metric(trainer, f"test/{metric}")
+    return trainer

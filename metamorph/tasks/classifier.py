@@ -25,7 +25,7 @@ from metamorph.runtime.data import build_datamodule
 from metamorph.runtime.networks import build_model
 from metamorph.runtime.summary import plain
 from metamorph.runtime.tasks import register_task
-from metamorph.runtime.trainer import build_trainer, callback_metric
+from metamorph.runtime.trainer import build_trainer, fit_and_test
 from metamorph.tasks.optim import lightning_optimizers
 from metamorph.utils.profile import count_params
 
@@ -112,13 +112,7 @@ def run_pretrain(cfg: DictConfig) -> dict:
         f"[metamorph-train] task=pretrain model={cfg.model.name} params={count_params(net):,} -> {out_dir}"
     )
     summary: dict = {"task": "pretrain", "model": cfg.model.name, "output_dir": str(out_dir)}
-    if cfg.train:
-        trainer.fit(module, datamodule=dm, ckpt_path=cfg.ckpt_path, weights_only=True)
-        summary["val/acc"] = callback_metric(trainer, "val/acc")
-        summary["global_step"] = trainer.global_step
-    if cfg.test:
-        trainer.test(module, datamodule=dm, verbose=False, weights_only=True)
-        summary["test/acc"] = callback_metric(trainer, "test/acc")
+    fit_and_test(cfg, module, dm, summary, trainer=trainer)
     if trainer.is_global_zero and not trainer.fast_dev_run:
         net = module.net.eval().cpu()
         meta = {

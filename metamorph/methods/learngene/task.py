@@ -45,7 +45,7 @@ from metamorph.runtime.data import build_datamodule
 from metamorph.runtime.networks import load_any_model
 from metamorph.runtime.summary import plain
 from metamorph.runtime.tasks import register_task
-from metamorph.runtime.trainer import build_trainer, callback_metric
+from metamorph.runtime.trainer import fit_and_test
 
 
 def maps_path(model_json) -> Path:
@@ -94,20 +94,6 @@ def _distiller(student, ancestry, tc: AuxConfig) -> AuxDistiller:
     )
 
 
-def _fit_test(cfg: DictConfig, module: L.LightningModule, dm, summary: dict) -> L.Trainer:
-    trainer = build_trainer(cfg)
-    if cfg.train:
-        t = time.time()
-        trainer.fit(module, datamodule=dm, ckpt_path=cfg.ckpt_path, weights_only=True)
-        summary["train_time_s"] = round(time.time() - t, 1)
-        summary["val/acc"] = callback_metric(trainer, "val/acc")
-        summary["global_step"] = trainer.global_step
-    if cfg.test:
-        trainer.test(module, datamodule=dm, verbose=False, weights_only=True)
-        summary["test/acc"] = callback_metric(trainer, "test/acc")
-    return trainer
-
-
 @register_task("learngene_aux")
 def run_aux(cfg: DictConfig) -> dict:
     """Stage 1: distil one auxiliary model (reduced width and depth) from the ancestry."""
@@ -140,7 +126,7 @@ def run_aux(cfg: DictConfig) -> dict:
     summary["init"] = tc.init
     if inherited is not None:
         summary["inherited_blocks"] = inherited
-    trainer = _fit_test(cfg, module, dm, summary)
+    trainer = fit_and_test(cfg, module, dm, summary)
     if trainer.is_global_zero and not trainer.fast_dev_run:
         meta = {"name": cfg.name, "learngene": {**summary, "ancestry": tc.ancestry}}
         net = student_network(distiller).eval().cpu()
@@ -266,7 +252,7 @@ def run_stitch(cfg: DictConfig) -> dict:
             del other
         summary["val_at_init_s"] = round(time.time() - t, 1)
     system.train()  # members load in eval mode; fine-tuning updates their BatchNorm statistics
-    trainer = _fit_test(cfg, module, dm, summary)
+    trainer = fit_and_test(cfg, module, dm, summary)
     summary["paths_drawn"] = len(module.trained_paths)
     if trainer.is_global_zero and not trainer.fast_dev_run:
         meta = {"name": cfg.name, "learngene": {k: v for k, v in summary.items()}}

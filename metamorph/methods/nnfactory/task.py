@@ -40,7 +40,7 @@ from metamorph.runtime.data import build_datamodule
 from metamorph.runtime.networks import build_model
 from metamorph.runtime.summary import plain
 from metamorph.runtime.tasks import register_task
-from metamorph.runtime.trainer import build_trainer, callback_metric
+from metamorph.runtime.trainer import fit_and_test
 
 
 def _classes(dm) -> list[str]:
@@ -49,16 +49,7 @@ def _classes(dm) -> list[str]:
 
 
 def _fit_and_test(cfg: DictConfig, module: L.LightningModule, dm, summary: dict) -> L.Trainer:
-    trainer = build_trainer(cfg)
-    if cfg.train:
-        t = time.time()
-        trainer.fit(module, datamodule=dm, ckpt_path=cfg.ckpt_path, weights_only=True)
-        summary["train_time_s"] = round(time.time() - t, 1)
-        summary["val/task_acc"] = callback_metric(trainer, "val/task_acc")
-        summary["global_step"] = trainer.global_step
-    if cfg.test:
-        trainer.test(module, datamodule=dm, verbose=False, weights_only=True)
-        summary["test/task_acc"] = callback_metric(trainer, "test/task_acc")
+    trainer = fit_and_test(cfg, module, dm, summary, metric="task_acc")
     summary["unseen_tasks_trained"] = len(
         [t for t in module.trained_tasks if not module.split.is_seen(t)]
     )

@@ -1,0 +1,299 @@
+"""Customization with Bespoke: (preprocessed house, latency budget on a device) -> a student.
+
+Simulated annealing (:mod:`.anneal`) searches which teacher segments to replace with which
+trained alternatives; each candidate's proxy accuracy is computed on held-out training images
+(the val carve-out, never the test split) incrementally, from the cached teacher activation at the
+first replaced segment, and its latency is the sum of the measured table entries of its units.
+The best feasible states are then assembled into plain networks and measured end to end on the
+profile in score order (:func:`metamorph.devices.select_within_budget`): one measured over budget
+is passed over, and if none fits, :class:`~metamorph.devices.BudgetError` says so. Nothing is
+written unless a student fits. The search trace (score, accuracy, latency, temperature per step)
+is written as JSON and a plot beside the model file.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from metamorph.config.schema import typed
+from metamorph.devices import Budget, BudgetError, Option, estimate_memory, measure_model
+from metamorph.devices import select_within_budget as select
+from metamorph.io.atomic import atomic_path, atomic_write_text
+from metamorph.io.model_file import save_model
+from metamorph.methods.bespoke.anneal import AnnealResult, Choice, anneal
+from metamorph.methods.bespoke.config import BespokeCustomizeConfig
+from metamorph.methods.bespoke.preprocess import House
+from metamorph.methods.bespoke.student import assemble, chain, declared_latency, run_from
+from metamorph.runtime.customizers import register_customizer
+from metamorph.utils.profile import count_flops, count_params
+
+
+class ProxyEvaluator:
+    """Proxy accuracy (%) of a replacement set, from the cached teacher activation at its first
+    replaced segment (the teacher's blocks before it are not rerun)."""
+
+    def __init__(self, house: House, images: int = 0, batch_size: int = 250) -> None:
+        self.house = house
+        self.by_id = {s.id: s for s in house.specs}
+        self.labels = house.proxy.labels()
+        self.n = len(self.labels) if not images else min(int(images), len(self.labels))
+        self.labels = self.labels[: self.n]
+        self.batch_size = batch_size
+        self._h: dict[int, torch.Tensor] = {}
+        self.calls = 0
+
+    @torch.no_grad()
+    def teacher_acc(self) -> float:
+        n = len(self.house.teacher.blocks())
+        logits = self.house.teacher(self.house.proxy.tensor(n)[: self.n], start=n)
+        return 100.0 * (logits.argmax(1) == self.labels).float().mean().item()
+
+    def replaced(self, state) -> dict:
+        return {tuple(self.by_id[i].segment): (i, self.house.modules[i]) for i in sorted(state)}
+
+    def units(self, state):
+        return chain(self.house.teacher, self.replaced(state))
+
+    @torch.no_grad()
+    def __call__(self, state) -> float:
+        self.calls += 1
+        start = min(self.by_id[i].segment[0] for i in state)
+        if start not in self._h:
+            self._h[start] = self.house.proxy.tensor(start)[: self.n]
+        h, units = self._h[start], self.units(state)
+        correct = 0
+        for i in range(0, len(h), self.batch_size):
+            logits = run_from(self.house.teacher, units, h[i : i + self.batch_size], start)
+            correct += (logits.argmax(1) == self.labels[i : i + self.batch_size]).sum().item()
+        return 100.0 * correct / max(1, len(self.labels))
+
+
+def latency_scale(house: House, calibrate: bool, measure=None) -> float:
+    """The teacher's end-to-end latency measured now on the profile over its declared sum (1
+    without calibration): per-call overheads and the machine's state when the table was taken
+    make the sum differ from what the final, end-to-end measurement will see."""
+    if not calibrate:
+        return 1.0
+    profile = house.meta.get("device") or "cpu1_b1"
+    now = (measure or measure_model)(house.teacher, profile).latency_ms
+    return float(now) / declared_latency(chain(house.teacher, {}), house.latency)
+
+
+def solo_accuracies(house: House, ev: ProxyEvaluator, ids: list[str], log=print) -> dict:
+    """Proxy accuracy of each alternative alone in the teacher, cached in the house folder
+    (shared by every budget's search)."""
+    path = house.folder / f"solo_acc_{len(ev.labels)}.json"
+    solo = json.loads(path.read_text()) if path.is_file() else {}
+    todo = [i for i in ids if i not in solo]
+    if todo:
+        log(f"[bespoke] proxy accuracy of {len(todo)} alternatives alone in the teacher")
+    for i in todo:
+        solo[i] = ev(frozenset({i}))
+        atomic_write_text(path, json.dumps(solo, indent=1))
+    return {i: solo[i] for i in ids}
+
+
+def search(house: House, budget_ms: float, cfg: BespokeCustomizeConfig, log=print):
+    """Solo accuracies, then annealing; returns (result, evaluator, choices, teacher ms)."""
+    teacher = house.teacher
+    table = house.latency
+    scale = latency_scale(house, cfg.calibrate, measure_model)
+    base_ms = declared_latency(chain(teacher, {}), table) * scale
+    choices = []
+    for s in house.specs:
+        if cfg.teacher_only and s.source != "teacher":
+            continue
+        a, b = s.segment
+        seg_ms = sum(table[f"block:{i}"] for i in range(a, b))
+        choices.append(Choice(s.id, a, b, (table[f"alt:{s.id}"] - seg_ms) * scale))
+    if not choices:
+        raise ValueError(f"the house {house.folder} has no alternative to search over")
+    ev = ProxyEvaluator(house, cfg.proxy_images)
+    base_acc = ev.teacher_acc()
+    solo = solo_accuracies(house, ev, [c.id for c in choices], log)
+    a = cfg.anneal
+    res = anneal(
+        choices,
+        ev,
+        base_ms,
+        budget_ms,
+        solo,
+        base_acc,
+        a.steps,
+        a.t0,
+        a.alpha,
+        a.penalty,
+        a.seed,
+        keep=cfg.top_states,
+    )
+    return res, ev, choices, base_ms, solo, scale
+
+
+def plot_trace(trace: list[dict], budget_ms: float, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [t["step"] for t in trace]
+    fig, ax = plt.subplots(1, 3, figsize=(13, 3.4))
+    ax[0].plot(steps, [t["score"] for t in trace], ".", ms=3)
+    ax[0].set(xlabel="step", ylabel="score (proxy acc % - penalty)")
+    ax[1].plot(steps, [t["latency_ms"] for t in trace], ".", ms=3)
+    ax[1].axhline(budget_ms, color="r", lw=1, label="budget")
+    ax[1].set(xlabel="step", ylabel="declared latency (ms)")
+    ax[1].legend()
+    ax[2].plot(steps, [t["temperature"] for t in trace])
+    ax[2].set(xlabel="step", ylabel="temperature", yscale="log")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _no_state_error(
+    res: AnnealResult, choices: list[Choice], base_ms: float, budget: Budget
+) -> str:
+    fastest = min((t["latency_ms"] for t in res.trace), default=base_ms)
+    return (
+        f"no replacement set the search visited is within budget.max_latency_ms="
+        f"{budget.max_latency_ms:g} on {budget.profile.name} (teacher {base_ms:.3f} ms declared, "
+        f"fastest visited {fastest:.3f} ms); raise the budget, or build a "
+        "house with more or cheaper alternatives (task.house.per_segment, max_len, kinds)"
+    )
+
+
+@register_customizer("bespoke")
+def run_bespoke(cfg: DictConfig) -> dict:
+    """``metamorph-customize method=bespoke``: see the module docstring."""
+    from metamorph.runtime.data import build_datamodule
+
+    t_all = time.perf_counter()
+    bcfg: BespokeCustomizeConfig = typed(BespokeCustomizeConfig, cfg.get("bespoke"), "bespoke")
+    raw_budget = OmegaConf.to_container(cfg.get("budget") or {}, resolve=True)
+    budget = Budget.from_dict(
+        {k: v for k, v in raw_budget.items() if v is not None} | {"device": cfg.get("device")}
+    )
+    if budget.max_latency_ms is None:
+        raise ValueError(
+            "method=bespoke searches under a measured latency: give budget.max_latency_ms "
+            "(e.g. budget.max_latency_ms=3 device=cpu1_b1)"
+        )
+    if not bcfg.house:
+        raise ValueError("bespoke.house= is required: the run folder task=bespoke_preprocess wrote")
+    out = Path(str(cfg.out)) if cfg.get("out") else None
+    if out is None:
+        raise ValueError("out= is required: the path prefix of the model files to write")
+    house = House(bcfg.house)
+    if house.latency.get("_profile") != budget.profile.name:
+        raise ValueError(
+            f"the house's latency table is on {house.latency.get('_profile')}, the budget on "
+            f"{budget.profile.name}: use device={house.latency.get('_profile')} or preprocess "
+            f"again with task.device={budget.profile.name}"
+        )
+    print(f"[metamorph-customize] bespoke house={bcfg.house} budget: {budget.describe()}")
+    t0 = time.perf_counter()
+    res, ev, choices, base_ms, solo, scale = search(house, budget.max_latency_ms, bcfg)
+    t_search = time.perf_counter() - t0
+    if res.best is None:
+        raise BudgetError(_no_state_error(res, choices, base_ms, budget))
+    profile = budget.profile
+    options = []
+    for score, state in res.ranked:
+        units = ev.units(state)
+        net = assemble(house.teacher, units)
+        o = Option(
+            f"state{len(options)}",
+            (state, net, units),
+            params=count_params(net),
+            flops=count_flops(net, (1, 3, profile.resolution, profile.resolution)),
+        )
+        o.score = score
+        options.append(o)
+    t1 = time.perf_counter()
+    best = select(
+        options,
+        budget,
+        predict=lambda o: declared_latency(o.item[2], house.latency) * scale,
+        memory=lambda o: estimate_memory(o.item[1], profile.input_shape).peak_mb,
+        measure=lambda o: measure_model(o.item[1], profile),
+        score=lambda within: None,  # scores are the annealing's
+        log=print,
+        what="student",
+    )
+    t_measure = time.perf_counter() - t1
+    state, student, units = best.item
+    replaced = sorted(
+        (house.specs[[s.id for s in house.specs].index(i)] for i in state), key=lambda s: s.segment
+    )
+    summary: dict = {
+        "method": "bespoke",
+        "house": str(bcfg.house),
+        "budget": budget.to_dict(),
+        "teacher_declared_ms": round(base_ms, 4),
+        "latency_scale": round(scale, 4),
+        "teacher_only": bcfg.teacher_only,
+        "replacements": [s.id for s in replaced],
+        "kinds": sorted({s.kind for s in replaced}),
+        "hidden": student.arch.hidden,
+        "params": best.params,
+        "flops": best.flops,
+        "proxy_acc": round(ev(state), 2),
+        "score": round(best.score, 3),
+        "declared_latency_ms": round(best.predicted_ms, 4),
+        "measured_latency_ms": round(best.measured.latency_ms, 4),
+        "measured_latency_iqr_ms": round(best.measured.latency.iqr_ms, 4),
+        "greedy_start": sorted(res.greedy),
+        "evaluations": ev.calls,
+        "search_s": round(t_search, 2),
+        "measure_s": round(t_measure, 2),
+    }
+    if bcfg.eval_test:
+        from metamorph.models.metrics import top1
+
+        dm = build_datamodule(cfg.data, seed=int(cfg.seed))
+        dm.setup("test")
+        dm.set_normalization(student.arch.mean, student.arch.std)
+        with torch.no_grad():
+            summary["test_acc_before_retrain"] = round(
+                top1(student.eval(), dm.normalized_batches("test")), 2
+            )
+        summary["test_images"] = int(len(dm.split_tensors("test")[1]))
+    summary["wall_s"] = round(time.perf_counter() - t_all, 2)
+    out.parent.mkdir(parents=True, exist_ok=True)  # only now: a failed run writes nothing
+    meta = {"bespoke": {k: v for k, v in summary.items() if k != "hidden"}}
+    summary["model_file"] = str(save_model(student, out, meta=meta))
+    trace = out.with_name(out.name + ".trace.json")
+    atomic_write_text(
+        trace,
+        json.dumps(
+            {"budget_ms": budget.max_latency_ms, "trace": res.trace, "solo_acc": solo}, indent=1
+        ),
+    )
+    summary["trace"] = str(trace)
+    summary["trace_plot"] = str(
+        plot_trace(res.trace, budget.max_latency_ms, out.with_name(out.name + ".trace.png"))
+    )
+    if bcfg.onnx:
+        from metamorph.methods.bespoke.task import write_onnx
+
+        summary["onnx"] = write_onnx(student, out.with_name(out.name + ".onnx"))
+    report = out.with_name(out.name + ".customize.json")
+    atomic_write_text(
+        report,
+        json.dumps({**summary, "options": [o.to_dict() for o in options]}, indent=1, default=str),
+    )
+    summary["report"] = str(report)
+    print(
+        f"[metamorph-customize] bespoke: {len(replaced)} replacements, measured "
+        f"{summary['measured_latency_ms']} ms (declared {summary['declared_latency_ms']}), "
+        f"proxy acc {summary['proxy_acc']}%; search {t_search:.1f} s"
+    )
+    return summary
