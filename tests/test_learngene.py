@@ -401,3 +401,26 @@ def test_stitch_fine_tune_resumes_from_last_ckpt(stages, tmp_path):
         )
     )
     assert s["global_step"] == 4 and s["paths_drawn"] == 2  # steps 2, 3 only: continued
+
+
+def test_frozen_bn_stats_keep_the_members_statistics_while_weights_train(stages, tmp_path):
+    from metamorph.io.model_file import load_model
+
+    root, anc, aux, _ = stages
+    tiny = load_model(aux["tiny"]["model_files"][0])
+    members = f"[{aux['tiny']['model_files'][0]},{aux['base']['model_files'][0]}]"
+    common = [
+        *SHORT,
+        "task=learngene_stitch",
+        f"task.members={members}",
+        f"task.ancestry={anc}",
+        "task.latency=false",
+        "task.evaluate=false",
+    ]
+    out = train.run(compose_config("train", tmp_path / "frozen", [*common, "task.bn_stats=frozen"]))
+    system = load_system(out["system_file"])
+    assert torch.equal(system.members[0].stem.bn1.running_mean, tiny.bn1.running_mean)
+    assert torch.equal(system.members[0].stem.bn1.running_var, tiny.bn1.running_var)
+    assert not torch.equal(system.members[0].stem.conv1.weight, tiny.conv1.weight)
+    with pytest.raises(ValueError, match="task.bn_stats='eval'; choose one of"):
+        train.run(compose_config("train", tmp_path / "bad", [*common, "task.bn_stats=eval"]))

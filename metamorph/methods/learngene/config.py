@@ -44,6 +44,9 @@ class StitchConfig:
     ce_weight: float = 0.5
     kd_weight: float = 0.5
     temperature: float = 1.0
+    # train: BN running statistics updated by every sampled descendant (shared by all of them);
+    # frozen: the members' own statistics kept (BN layers in eval mode, affine still trained)
+    bn_stats: str = "train"
     paths: list[int] | None = None  # descendants sampled in training (null: all, uniformly)
     probes: list[int] | None = None  # descendants validated each epoch (null: every member)
     evaluate: bool = True  # evaluate every descendant on val + test at the end

@@ -29,6 +29,7 @@ from metamorph.tasks.optim import lightning_optimizers
 
 AUX_KIND = "learngene_aux"
 STITCH_KIND = "learngene_stitch"
+BN_STATS_MODES = ("train", "frozen")
 
 
 class AuxModule(L.LightningModule):
@@ -103,6 +104,8 @@ class StitchModule(L.LightningModule):
         )
         for p in [*self.paths, *self.probes]:
             system.descendant(p)  # a bad id fails here, naming the valid range
+        if cfg.bn_stats not in BN_STATS_MODES:
+            raise ValueError(f"task.bn_stats={cfg.bn_stats!r}; choose one of {BN_STATS_MODES}")
         if not self.paths:
             raise ValueError("task.paths is empty: give descendant ids to train, or null for all")
         if self.teacher is None and cfg.kd_weight > 0:
@@ -118,6 +121,12 @@ class StitchModule(L.LightningModule):
         super().train(mode)
         if self.teacher is not None:
             self.teacher.eval()
+        if mode and self.cfg.bn_stats == "frozen":
+            # every descendant shares the members' BN layers: frozen, each path sees the
+            # statistics its member was trained with instead of an average over all paths
+            for m in self.system.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eval()
         return self
 
     def training_step(self, batch, batch_idx):

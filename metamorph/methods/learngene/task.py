@@ -251,7 +251,9 @@ def run_stitch(cfg: DictConfig) -> dict:
             summary["val_acc_at_init_lsinit"] = _val_at_init(other, dm, tc.evaluate_ids)
             del other
         summary["val_at_init_s"] = round(time.time() - t, 1)
-    system.train()  # members load in eval mode; fine-tuning updates their BatchNorm statistics
+    # members load in eval mode; the module's train() puts them in train mode, BN layers too
+    # unless task.bn_stats=frozen (Lightning keeps the mode it is given)
+    module.train()
     trainer = fit_and_test(cfg, module, dm, summary)
     summary["paths_drawn"] = len(module.trained_paths)
     if trainer.is_global_zero and not trainer.fast_dev_run:
