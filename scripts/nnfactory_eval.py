@@ -11,7 +11,12 @@ it is measured, so a rerun skips what is there and a killed run loses one row at
 - ``agnostic``: G with the task input zeroed, ranked on every class: one network per budget;
 - ``tp``: the full network pruned by Torch-Pruning (uniform hidden widths) to the budget;
 - ``tp_ft``: ``tp`` fine-tuned on the task (``finetune_steps``; the first ``finetune_tasks``
-  seen and unseen tasks only).
+  seen and unseen tasks only);
+- ``ft_r56`` / ``ft_r20``: the pretrained network itself (``base``, or the first existing file of
+  ``ft_r20``), classifier cut to the task and fine-tuned like ``tp_ft`` (same steps, same tasks),
+  unpruned: reported at its measured latency, ``violation`` where that is over a budget. One
+  fine-tune and one measurement per task serve every budget; ``wall_s`` is the fine-tune plus
+  the measurement, its per-task cost.
 
 Budgets are fractions of the full network's latency on the profile (``full_latency_ms``).
 Accuracy: the task's test images (all of them), logits restricted to the task. Latency: the
@@ -21,6 +26,7 @@ fine-tuning for the baselines), the test evaluation excluded.
 
     OMP_NUM_THREADS=1 python scripts/nnfactory_eval.py --out outputs/nnfactory_eval
     OMP_NUM_THREADS=1 python scripts/nnfactory_eval.py --methods tp tp_ft --budgets 0.5
+    OMP_NUM_THREADS=1 python scripts/nnfactory_eval.py --methods ft_r56 ft_r20 --finetune-tasks 2
 
 Writes ``<out>/rows.jsonl``, ``<out>/table.md`` / ``table.csv`` (per method and budget: seen and
 unseen accuracy, the gap, measured latency, violations, wall time) and prints one JSON line last.
@@ -29,6 +35,7 @@ unseen accuracy, the gap, measured latency, violations, wall time) and prints on
 from __future__ import annotations
 
 import argparse
+import copy
 import csv
 import json
 import os
@@ -43,7 +50,9 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-METHODS = ("nnfactory", "nnfactory_bn", "random", "agnostic", "tp", "tp_ft")
+METHODS = ("nnfactory", "nnfactory_bn", "random", "agnostic", "tp", "tp_ft", "ft_r56", "ft_r20")
+# the methods that need no factory (the full network and its pruned / fine-tuned versions)
+NO_FACTORY = {"tp", "tp_ft", "ft_r56", "ft_r20"}
 
 
 def _key(r: dict) -> tuple:
@@ -57,6 +66,13 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     ap.add_argument("--budgets", nargs="*", type=float, default=None, help="fractions to run")
     ap.add_argument("--tasks", type=int, default=0, help="first N seen and N unseen (0: all)")
+    ap.add_argument(
+        "--finetune-tasks",
+        type=int,
+        default=None,
+        help="tp_ft / ft_r56 / ft_r20 fine-tune only the first N seen and N unseen tasks "
+        "(0: all; default: the config's finetune_tasks)",
+    )
     ap.add_argument("--table-only", action="store_true", help="only rewrite the table")
     ap.add_argument(
         "--check",
@@ -69,6 +85,10 @@ def main(argv: list[str] | None = None) -> dict:
     )
     args = ap.parse_args(argv)
     conf = yaml.safe_load(Path(args.config).read_text())
+    if args.finetune_tasks is not None:
+        if args.finetune_tasks < 0:
+            raise ValueError(f"--finetune-tasks {args.finetune_tasks} must be >= 0")
+        conf["finetune_tasks"] = args.finetune_tasks
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows_path = out / "rows.jsonl"
@@ -86,8 +106,7 @@ def run(conf: dict, args, rows: list[dict], rows_path: Path) -> None:
     torch.set_num_threads(1)
     from metamorph.baselines.pruning import shape_for_gamma
     from metamorph.data import CIFARDataModule
-    from metamorph.devices import Budget, BudgetError, LatencyPredictor, measure_model
-    from metamorph.io.model_file import load_model
+    from metamorph.devices import Budget, BudgetError, LatencyPredictor, Option, measure_model
     from metamorph.methods.nnfactory import baselines as bl
     from metamorph.methods.nnfactory.class_tasks import parse_task, task_names
     from metamorph.methods.nnfactory.customize import _proxy_set, customize
@@ -95,10 +114,32 @@ def run(conf: dict, args, rows: list[dict], rows_path: Path) -> None:
     from metamorph.methods.nnfactory.factory import load_factory
     from metamorph.methods.nnfactory.supernet import arch_costs, channel_groups
     from metamorph.models.subnet import hidden_arch
+    from metamorph.runtime.networks import load_any_model
 
     done = {_key(r) for r in rows}
-    factory = load_factory(conf["factory"]) if set(args.methods) - {"tp", "tp_ft"} else None
-    base = load_model(conf["base"])
+    factory = load_factory(conf["factory"]) if set(args.methods) - NO_FACTORY else None
+    base = load_any_model(conf["base"])
+    # the unpruned networks fine-tuned per task: (path, network)
+    sources = {}
+    if "ft_r56" in args.methods:
+        sources["ft_r56"] = (conf["base"], base)
+    if "ft_r20" in args.methods:
+        paths = conf.get("ft_r20") or []
+        found = [p for p in paths if Path(p).exists()]
+        if not found:
+            raise FileNotFoundError(f"ft_r20: none of the config's ft_r20 files exists: {paths}")
+        net = load_any_model(found[0])
+        if (tuple(net.arch.mean), tuple(net.arch.std)) != (
+            tuple(base.arch.mean),
+            tuple(base.arch.std),
+        ):
+            raise ValueError(
+                f"{found[0]} normalizes its input unlike {conf['base']} (mean/std "
+                f"{net.arch.mean}/{net.arch.std} vs {base.arch.mean}/{base.arch.std}); the test "
+                "split is transformed once with the base's"
+            )
+        sources["ft_r20"] = (found[0], net)
+        print(f"ft_r20: {found[0]}")
     dm = CIFARDataModule(
         root=conf["data_root"], name="cifar10", val_size=1000, seed=int(conf["seed"])
     )
@@ -136,6 +177,11 @@ def run(conf: dict, args, rows: list[dict], rows_path: Path) -> None:
             warm.append(hidden_arch(base.arch, hidden))
     for g in [round(0.025 * i, 3) for i in range(39)]:
         warm.append(hidden_arch(base.arch, shape_for_gamma(base.arch, "all", g)))
+    for _, net in sources.values():  # with the classifier cut to each task size
+        for k in sorted({len(t) for t, _ in tasks}):
+            arch = copy.deepcopy(net.arch)
+            arch.num_classes = k
+            warm.append(arch)
     predictor.ensure(warm)
     full_path = rows_path.parent / "full_latency.json"
     predicted_full = round(predictor.predict(base.arch), 4)
@@ -255,7 +301,75 @@ def run(conf: dict, args, rows: list[dict], rows_path: Path) -> None:
             "hidden": res.model.arch.hidden,
         }
 
+    def prune(budget):
+        """The full network pruned by Torch-Pruning to ``budget``: ``(pruned, option)``."""
+        pruned, option, _ = bl.prune_to_budget(
+            base,
+            budget,
+            criterion=conf["prune_criterion"],
+            predictor=predictor,
+            measure=check,
+            log=print,
+        )
+        return pruned, option
+
+    def finetune_tasks():
+        k = int(conf.get("finetune_tasks") or 0)
+        if not k:
+            return tasks
+        return [t for t in tasks if t[1]][:k] + [t for t in tasks if not t[1]][:k]
+
+    def finetuned(src, task) -> tuple[torch.nn.Module, dict]:
+        """``src`` with its classifier cut to the task, fine-tuned ``finetune_steps`` steps on
+        the task's train images (the fine-tune of tp_ft / ft_r56 / ft_r20), and its fields."""
+        net, rep = bl.task_finetune(src, dm, task, int(conf["finetune_steps"]), seed=seed)
+        acc, n_img = test.task_accuracy(net, task)
+        c = arch_costs(net.arch)
+        return net, {
+            "acc": round(acc, 2),
+            "test_images": n_img,
+            "params": c["params"],
+            "flops": c["flops"],
+            "finetune_s": round(rep["seconds"], 3),
+            "finetune_steps": rep["steps"],
+            "hidden": net.arch.hidden,
+        }
+
     for method in args.methods:
+        if method in sources:
+            path, src = sources[method]
+            for task, seen in finetune_tasks():
+                keys = [(method, tuple(task_names(task)), float(f)) for f in fracs]
+                if all(k in done for k in keys):
+                    continue
+                net, fields = finetuned(src, task)
+                t0 = time.perf_counter()
+                c = arch_costs(net.arch)
+                option = Option(
+                    method,
+                    None,
+                    c["params"],
+                    c["flops"],
+                    predicted_ms=predictor.predict(net.arch),
+                    measured=check(net),
+                )
+                measure_s = time.perf_counter() - t0
+                for frac, k in zip(fracs, keys, strict=True):
+                    if k in done:
+                        continue
+                    budget = budget_of(frac)
+                    emit(
+                        {
+                            **base_row(method, task, seen, frac, budget),
+                            **option_fields(option, budget),
+                            **fields,
+                            "wall_s": round(fields["finetune_s"] + measure_s, 3),
+                            "measure_s": round(measure_s, 3),
+                            "model": str(path),
+                            "unpruned": True,
+                        }
+                    )
+            continue
         for frac in fracs:
             budget = budget_of(frac)
             if method in ("nnfactory", "nnfactory_bn", "random"):
@@ -317,14 +431,7 @@ def run(conf: dict, args, rows: list[dict], rows_path: Path) -> None:
                             "candidate": res.chosen.label,
                         }
                     else:
-                        model, option, _ = bl.prune_to_budget(
-                            base,
-                            budget,
-                            criterion=conf["prune_criterion"],
-                            predictor=predictor,
-                            measure=check,
-                            log=print,
-                        )
+                        model, option = prune(budget)
                         extra = {"gamma": option.item[0]}
                     err = None
                 except BudgetError as e:
@@ -351,22 +458,12 @@ def run(conf: dict, args, rows: list[dict], rows_path: Path) -> None:
                         }
                     )
             elif method == "tp_ft":
-                ft_tasks = tasks
-                k = int(conf.get("finetune_tasks") or 0)
-                if k:
-                    ft_tasks = [t for t in tasks if t[1]][:k] + [t for t in tasks if not t[1]][:k]
+                ft_tasks = finetune_tasks()
                 if all((method, tuple(task_names(t)), float(frac)) in done for t, _ in ft_tasks):
                     continue
                 t0 = time.perf_counter()
                 try:
-                    pruned, option, _ = bl.prune_to_budget(
-                        base,
-                        budget,
-                        criterion=conf["prune_criterion"],
-                        predictor=predictor,
-                        measure=check,
-                        log=print,
-                    )
+                    pruned, option = prune(budget)
                     err = None
                 except BudgetError as e:
                     err = str(e).splitlines()[0]
@@ -378,25 +475,15 @@ def run(conf: dict, args, rows: list[dict], rows_path: Path) -> None:
                     if err is not None:
                         emit({**row, "acc": None, "violation": False, "error": err})
                         continue
-                    net, rep = bl.task_finetune(
-                        pruned, dm, task, int(conf["finetune_steps"]), seed=seed
-                    )
-                    acc, n_img = test.task_accuracy(net, task)
-                    c = arch_costs(net.arch)
+                    _, fields = finetuned(pruned, task)
                     emit(
                         {
                             **row,
-                            "acc": round(acc, 2),
-                            "test_images": n_img,
                             **option_fields(option, budget),
-                            "params": c["params"],
-                            "flops": c["flops"],
-                            "wall_s": round(prune_s + rep["seconds"], 3),
+                            **fields,
+                            "wall_s": round(prune_s + fields["finetune_s"], 3),
                             "prune_s": round(prune_s, 3),
-                            "finetune_s": round(rep["seconds"], 3),
-                            "finetune_steps": rep["steps"],
                             "gamma": option.item[0],
-                            "hidden": net.arch.hidden,
                         }
                     )
 
@@ -418,4 +505,7 @@ def write_table(rows: list[dict], out: Path) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"nnfactory_eval: {e}")
