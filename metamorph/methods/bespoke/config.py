@@ -8,7 +8,10 @@ from dataclasses import dataclass, field
 
 from metamorph.config.schema import OptimConfig, SchedulerConfig
 
-ALTERNATIVE_KINDS = ("teacher_run", "public_run", "pruned", "lowrank")
+ALTERNATIVE_KINDS = ("teacher_run", "public_run", "pruned", "lowrank")  # Bespoke's house
+LANA_KINDS = ("identity", "dwsep")  # the LANA baseline's hand-designed ones (plus pruned)
+ALL_KINDS = ALTERNATIVE_KINDS + LANA_KINDS
+SEARCHES = ("anneal", "lana")
 
 
 @dataclass
@@ -19,6 +22,7 @@ class HouseConfig:
     max_len: int = 4  # longest
     max_segments: int = 0  # segments sampled (seeded) from the enumerated ones; 0: all
     per_segment: int = 2  # K alternatives sampled per segment
+    sample: bool = True  # false: every candidate of every segment (the LANA house), no sampling
     kinds: list[str] = field(default_factory=lambda: list(ALTERNATIVE_KINDS))
     public: list[str] = field(default_factory=lambda: ["resnet20", "resnet32", "resnet44"])
     public_dir: str | None = None  # folder of the akamaster .th files (resnet20-*.th, ...)
@@ -66,6 +70,7 @@ class BespokeCustomizeConfig:
     """``metamorph-customize method=bespoke``'s options (``bespoke.*``)."""
 
     house: str | None = None  # the run folder task=bespoke_preprocess wrote (house.json inside)
+    search: str = "anneal"  # anneal (Bespoke) | lana (integer program over solo proxy scores)
     anneal: AnnealConfig = field(default_factory=AnnealConfig)
     teacher_only: bool = False  # ablation: only alternatives built from the teacher's own blocks
     calibrate: bool = True  # scale declared sums by the teacher's end-to-end latency now / its sum

@@ -25,8 +25,9 @@ from metamorph.devices import Budget, BudgetError, Option, estimate_memory, meas
 from metamorph.devices import select_within_budget as select
 from metamorph.io.atomic import atomic_path, atomic_write_text
 from metamorph.io.model_file import save_model
+from metamorph.methods.bespoke import lana
 from metamorph.methods.bespoke.anneal import AnnealResult, Choice, anneal
-from metamorph.methods.bespoke.config import BespokeCustomizeConfig
+from metamorph.methods.bespoke.config import SEARCHES, BespokeCustomizeConfig
 from metamorph.methods.bespoke.preprocess import House
 from metamorph.methods.bespoke.student import assemble, chain, declared_latency, run_from
 from metamorph.runtime.customizers import register_customizer
@@ -116,6 +117,9 @@ def search(house: House, budget_ms: float, cfg: BespokeCustomizeConfig, log=prin
     ev = ProxyEvaluator(house, cfg.proxy_images)
     base_acc = ev.teacher_acc()
     solo = solo_accuracies(house, ev, [c.id for c in choices], log)
+    if cfg.search == "lana":
+        res = lana_search(house, choices, solo, base_acc, base_ms, budget_ms, cfg.top_states)
+        return res, ev, choices, base_ms, solo, scale
     a = cfg.anneal
     res = anneal(
         choices,
@@ -132,6 +136,63 @@ def search(house: House, budget_ms: float, cfg: BespokeCustomizeConfig, log=prin
         keep=cfg.top_states,
     )
     return res, ev, choices, base_ms, solo, scale
+
+
+LANA_TIGHTEN = (1.0, 0.97, 0.94, 0.9, 0.86, 0.82, 0.78, 0.74)
+
+
+def lana_search(
+    house: House,
+    choices: list[Choice],
+    solo: dict[str, float],
+    base_acc: float,
+    base_ms: float,
+    budget_ms: float,
+    keep: int = 5,
+) -> AnnealResult:
+    """The LANA baseline's selection: :func:`.lana.milp_select` on each alternative's solo proxy
+    score (accuracy change alone in the teacher), at the budget and then at tightened declared
+    budgets (``LANA_TIGHTEN``), so that a state whose end-to-end measurement exceeds the budget
+    has tighter runners-up. ``ranked`` holds the distinct solutions, best (loosest) first; the
+    "score" is LANA's additive estimate ``teacher proxy acc + sum of solo changes``.
+    :class:`~.lana.InfeasibleBudget` if none fits even at the budget itself."""
+    by_id = {s.id: s for s in house.specs}
+    items = [
+        lana.Item(c.id, c.start, c.stop, c.delta_ms, solo[c.id] - base_acc, len(by_id[c.id].blocks))
+        for c in choices
+    ]
+    n = len(house.teacher.blocks())
+    stages, acc = [], 0
+    for h in house.teacher.arch.hidden:
+        stages.append((acc, acc + len(h)))
+        acc += len(h)
+    ranked: list[tuple[float, frozenset]] = []
+    trace = []
+    for k, f in enumerate(LANA_TIGHTEN):
+        try:
+            state, obj, lat = lana.milp_select(items, base_ms, budget_ms * f, n, stages)
+        except lana.InfeasibleBudget:
+            if k == 0:
+                raise
+            break
+        score = base_acc + obj
+        trace.append(
+            {
+                "step": k,
+                "move": "milp",
+                "budget_factor": f,
+                "declared_budget_ms": budget_ms * f,
+                "score": score,
+                "latency_ms": lat,
+                "feasible": lat <= budget_ms,
+                "size": len(state),
+            }
+        )
+        if state not in {s for _, s in ranked}:
+            ranked.append((score, state))
+        if len(ranked) >= keep:
+            break
+    return AnnealResult(ranked[0][1], ranked[0][0], ranked, frozenset(), trace, 0)
 
 
 def plot_trace(trace: list[dict], budget_ms: float, path: Path) -> Path:
@@ -177,6 +238,8 @@ def run_bespoke(cfg: DictConfig) -> dict:
 
     t_all = time.perf_counter()
     bcfg: BespokeCustomizeConfig = typed(BespokeCustomizeConfig, cfg.get("bespoke"), "bespoke")
+    if bcfg.search not in SEARCHES:
+        raise ValueError(f"bespoke.search={bcfg.search!r}: choose from {list(SEARCHES)}")
     raw_budget = OmegaConf.to_container(cfg.get("budget") or {}, resolve=True)
     budget = Budget.from_dict(
         {k: v for k, v in raw_budget.items() if v is not None} | {"device": cfg.get("device")}
@@ -200,7 +263,10 @@ def run_bespoke(cfg: DictConfig) -> dict:
         )
     print(f"[metamorph-customize] bespoke house={bcfg.house} budget: {budget.describe()}")
     t0 = time.perf_counter()
-    res, ev, choices, base_ms, solo, scale = search(house, budget.max_latency_ms, bcfg)
+    try:
+        res, ev, choices, base_ms, solo, scale = search(house, budget.max_latency_ms, bcfg)
+    except lana.InfeasibleBudget as e:
+        raise BudgetError(f"bespoke.search=lana, budget.max_latency_ms: {e}") from None
     t_search = time.perf_counter() - t0
     if res.best is None:
         raise BudgetError(_no_state_error(res, choices, base_ms, budget))
@@ -235,6 +301,7 @@ def run_bespoke(cfg: DictConfig) -> dict:
     )
     summary: dict = {
         "method": "bespoke",
+        "search": bcfg.search,
         "house": str(bcfg.house),
         "budget": budget.to_dict(),
         "teacher_declared_ms": round(base_ms, 4),
@@ -278,9 +345,10 @@ def run_bespoke(cfg: DictConfig) -> dict:
         ),
     )
     summary["trace"] = str(trace)
-    summary["trace_plot"] = str(
-        plot_trace(res.trace, budget.max_latency_ms, out.with_name(out.name + ".trace.png"))
-    )
+    if bcfg.search == "anneal":
+        summary["trace_plot"] = str(
+            plot_trace(res.trace, budget.max_latency_ms, out.with_name(out.name + ".trace.png"))
+        )
     if bcfg.onnx:
         from metamorph.methods.bespoke.task import write_onnx
 

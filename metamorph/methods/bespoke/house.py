@@ -13,7 +13,9 @@ An alternative is a JSON spec (:class:`AltSpec`) that :func:`build_alternative` 
 - ``teacher_run``: a shorter contiguous run of the segment's own blocks (length 0 = identity);
 - ``public_run``: a run of a public network's blocks at the same stage (akamaster ResNet-20/32/44);
 - ``pruned``: the segment with each block's hidden channels cut to a ratio (L1 criterion);
-- ``lowrank``: the segment with every 3x3 conv Tucker-2 decomposed at a rank ratio.
+- ``lowrank``: the segment with every 3x3 conv Tucker-2 decomposed at a rank ratio;
+- ``identity`` and ``dwsep`` (the LANA baseline's hand-designed kinds, :mod:`.lana`): the segment
+  dropped (where shapes allow), and the segment with every 3x3 conv depthwise-separable.
 
 Shapes: a segment that starts a stage other than the first begins with a stride-2 block that
 changes width, so its alternatives start with a stage-entry block too; other segments map a
@@ -242,6 +244,10 @@ def candidate_specs(
     if "lowrank" in kinds:
         for r in rank_ratios:
             out["lowrank"].append(AltSpec(sp, "lowrank", "teacher", own, float(r)))
+    if "identity" in kinds and not seg.entry:
+        out["identity"].append(AltSpec(sp, "identity", "teacher", []))
+    if "dwsep" in kinds:
+        out["dwsep"].append(AltSpec(sp, "dwsep", "teacher", own))
     return {k: v for k, v in out.items() if v}
 
 
@@ -255,10 +261,12 @@ def sample_house(
     keep_ratios: list[float],
     rank_ratios: list[float],
     seed: int = 0,
+    sample: bool = True,
 ) -> list[AltSpec]:
     """K alternatives per segment (a kind drawn uniformly, then one of its candidates), for
-    ``max_segments`` segments drawn at random (0: all); seeded, so a rerun builds the same house."""
-    if per_segment < 1:
+    ``max_segments`` segments drawn at random (0: all); seeded, so a rerun builds the same house.
+    ``sample=False``: every candidate of every (drawn) segment, ``per_segment`` unused."""
+    if sample and per_segment < 1:
         raise ValueError(f"house.per_segment={per_segment} must be at least 1")
     rng = random.Random(seed)
     segs = list(segments)
@@ -267,6 +275,9 @@ def sample_house(
     specs: list[AltSpec] = []
     for seg in segs:
         pool = candidate_specs(seg, teacher, public, kinds, keep_ratios, rank_ratios)
+        if not sample:
+            specs += [sp for k in sorted(pool) for sp in pool[k]]
+            continue
         for _ in range(per_segment):
             live = [k for k in sorted(pool) if pool[k]]
             if not live:
@@ -300,8 +311,12 @@ def build_alternative(
             f"alternative {spec.id} takes blocks from {spec.source}, which is not loaded; "
             "list it in task.house.public"
         )
-    if spec.kind in ("teacher_run", "public_run"):
+    if spec.kind in ("teacher_run", "public_run", "identity"):
         blocks = [copy.deepcopy(_block(src, seg.stage, i)) for i in spec.blocks]
+    elif spec.kind == "dwsep":
+        from metamorph.methods.bespoke.lana import dwsep_block
+
+        blocks = [dwsep_block(_block(teacher, seg.stage, i)) for i in spec.blocks]
     elif spec.kind == "pruned":
         names = [f"layer{seg.stage + 1}.{i}" for i in spec.blocks]
         widths = {

@@ -16,7 +16,8 @@ from omegaconf import DictConfig, OmegaConf
 from metamorph.config.schema import typed
 from metamorph.io.atomic import atomic_write_text
 from metamorph.io.model_file import save_model
-from metamorph.methods.bespoke.config import ALTERNATIVE_KINDS, PreprocessConfig, RetrainConfig
+from metamorph.methods.bespoke import lana  # noqa: F401  (registers cifar_resnet_dwsep)
+from metamorph.methods.bespoke.config import ALL_KINDS, PreprocessConfig, RetrainConfig
 from metamorph.methods.bespoke.features import FeatureCache
 from metamorph.methods.bespoke.house import (
     build_alternative,
@@ -55,9 +56,9 @@ def run_preprocess(cfg: DictConfig) -> dict:
     t0, c0 = time.time(), time.process_time()
     tc: PreprocessConfig = typed(PreprocessConfig, cfg.task, "task")
     hc, mc = tc.house, tc.mimic
-    bad = [k for k in hc.kinds if k not in ALTERNATIVE_KINDS]
+    bad = [k for k in hc.kinds if k not in ALL_KINDS]
     if bad or not hc.kinds:
-        raise ValueError(f"task.house.kinds={hc.kinds}: choose from {list(ALTERNATIVE_KINDS)}")
+        raise ValueError(f"task.house.kinds={hc.kinds}: choose from {list(ALL_KINDS)}")
     from metamorph.devices.profiles import get_profile
 
     get_profile(tc.device)  # a typo fails before any work
@@ -77,6 +78,7 @@ def run_preprocess(cfg: DictConfig) -> dict:
         hc.keep_ratios,
         hc.rank_ratios,
         hc.seed,
+        hc.sample,
     )
     write_house(
         out / "house.json",
@@ -124,7 +126,7 @@ def run_preprocess(cfg: DictConfig) -> dict:
     tl = time.time()
     table = measure_table(out, teacher, specs, modules, tc.device, mc.latency_min_run_time)
     latency_s = time.time() - tl
-    kinds = {k: sum(1 for s in specs if s.kind == k) for k in ALTERNATIVE_KINDS}
+    kinds = {k: sum(1 for s in specs if s.kind == k) for k in ALL_KINDS}
     summary = {
         "task": "bespoke_preprocess",
         "house": str(out),
