@@ -505,3 +505,16 @@ def test_sample_device_names_a_profile_and_points_to_eval_device(tmp_path):
 
 def test_the_public_api_exposes_profiles():
     assert metamorph.devices.get_profile("cpu1_b1").runtime == "torch_cpu"
+
+
+def test_budget_from_config_keeps_defaults_for_nulls_and_names_unknown_keys():
+    from omegaconf import OmegaConf
+
+    from metamorph.devices import Budget
+
+    node = OmegaConf.create({"max_latency_ms": "2.5", "latency_margin": None, "latency_repeats": 1})
+    b = Budget.from_config(node, "cpu1_b1")
+    assert b.max_latency_ms == 2.5 and b.latency_repeats == 1
+    assert b.latency_margin == Budget().latency_margin and b.profile.name == "cpu1_b1"
+    with pytest.raises(ValueError, match=r"unknown budget keys \['max_latncy_ms'\]"):
+        Budget.from_config({"max_latncy_ms": 1.0})

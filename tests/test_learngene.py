@@ -424,3 +424,37 @@ def test_frozen_bn_stats_keep_the_members_statistics_while_weights_train(stages,
     assert not torch.equal(system.members[0].stem.conv1.weight, tiny.conv1.weight)
     with pytest.raises(ValueError, match="task.bn_stats='eval'; choose one of"):
         train.run(compose_config("train", tmp_path / "bad", [*common, "task.bn_stats=eval"]))
+
+
+def test_customize_latency_budget_is_judged_by_the_budgets_fresh_measurement(
+    stages, tmp_path, monkeypatch
+):
+    """The descendant is accepted on Budget.measure (the written file in fresh processes, as
+    metamorph-profile measures it), not on an in-process figure; one over budget is passed over."""
+    from types import SimpleNamespace
+
+    from metamorph.devices import Budget
+
+    _, _, _, pool = stages
+    table = json.loads(Path(pool["table"]).read_text())["descendants"]
+    flops = {r["params"]: r["flops"] for r in table}
+    measured = []
+
+    def fake(self, model):  # latency = MFLOPs, so the most accurate may measure over budget
+        from metamorph.utils.profile import count_params
+
+        ms = flops[count_params(model)] / 1e6
+        measured.append(ms)
+        return SimpleNamespace(latency_ms=ms, memory_mb=1.0)
+
+    monkeypatch.setattr(Budget, "measure", fake)
+    limit = sorted(r["flops"] for r in table)[6] / 1e6
+    s = _customize(
+        pool,
+        tmp_path / "m",
+        f"budget.max_latency_ms={limit}",
+        "budget.latency_margin=0",
+        "learngene.onnx=false",
+    )
+    assert measured and s["measured_latency_ms"] == round(measured[-1], 4) and measured[-1] <= limit
+    assert all(m > limit for m in measured[:-1])

@@ -101,6 +101,23 @@ class Budget:
             raise ValueError(f"unknown {where} keys {unknown}; valid: {', '.join(known)}{hint}")
         return cls(**d)
 
+    @classmethod
+    def from_config(cls, node: Any, device: str | None = None, where: str = "budget") -> Budget:
+        """The budget of an entry point's ``budget:`` config node (a DictConfig or dict) on
+        ``device``: unknown keys are refused by name, a null margin / repeats keeps the default."""
+        if node is None:
+            d: dict = {}
+        elif isinstance(node, dict):
+            d = dict(node)
+        else:
+            from omegaconf import OmegaConf
+
+            d = OmegaConf.to_container(node, resolve=True)
+        for k in ("latency_margin", "latency_repeats"):
+            if d.get(k) is None:
+                d.pop(k, None)
+        return cls.from_dict({**d, "device": device}, where)
+
     @property
     def active(self) -> bool:
         return any(getattr(self, n) is not None for n in LIMITS)
@@ -125,6 +142,15 @@ class Budget:
     @property
     def profile(self) -> DeviceProfile:
         return get_profile(self.device or DEFAULT_DEVICE)
+
+    def measure(self, model) -> Measurement:
+        """The end-to-end figure a candidate is accepted on: ``model`` written as a model file and
+        measured on the budget's profile in ``latency_repeats`` fresh processes, the slowest
+        kept (:func:`metamorph.devices.fresh.measure_deployed`): what ``metamorph-profile`` says
+        of the written file. Every customizer's default ``measure``."""
+        from metamorph.devices.fresh import measure_deployed
+
+        return measure_deployed(model, self.profile, repeats=self.latency_repeats)
 
     def describe(self) -> str:
         parts = []

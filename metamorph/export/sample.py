@@ -427,7 +427,6 @@ def select_for_budget(
     """
     from metamorph.devices import LatencyPredictor, estimate_memory
     from metamorph.devices import select_within_budget as select
-    from metamorph.devices.fresh import measure_deployed
 
     family = as_family(module, k=k, seed=seed)
     log = log or (lambda s: None)
@@ -475,8 +474,7 @@ def select_for_budget(
         else:
             model = family.materialize(o.item.hidden).cpu()
         log(f"  measuring {o.label} end to end on {profile.name}")
-        deployed = lambda m: measure_deployed(m, profile, repeats=budget.latency_repeats)  # noqa: E731
-        return (measure or deployed)(model)
+        return (measure or budget.measure)(model)
 
     try:
         best = select(

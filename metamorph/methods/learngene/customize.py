@@ -17,10 +17,10 @@ import json
 import time
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from metamorph.config.schema import typed
-from metamorph.devices import Budget, Option, estimate_memory, measure_model
+from metamorph.devices import Budget, Option, estimate_memory
 from metamorph.devices import select_within_budget as select
 from metamorph.io.atomic import atomic_write_text
 from metamorph.io.model_file import save_model
@@ -67,8 +67,8 @@ def choose(
         return estimate_memory(system.materialize(o.item), profile.input_shape).peak_mb
 
     def measure(o: Option):
-        log(f"  measuring {o.label} end to end on {profile.name}")
-        return measure_model(system.materialize(o.item), profile)
+        log(f"  measuring {o.label} end to end on {profile.name} (fresh processes)")
+        return budget.measure(system.materialize(o.item))
 
     def predict(o: Option) -> float:  # the table's latency (measured on its device) as the guess
         return float(rows[o.item].get("latency_ms") or 0.0)
@@ -98,8 +98,7 @@ def run_learngene(cfg: DictConfig) -> dict:
             "learngene.pool= is required: the system file task=learngene_stitch wrote "
             "(e.g. outputs/models/learngene/pool6.json)"
         )
-    limits = OmegaConf.to_container(cfg.get("budget") or {}, resolve=True)
-    budget = Budget.from_dict({**limits, "device": cfg.get("device")})
+    budget = Budget.from_config(cfg.get("budget"), cfg.get("device"))
     if not budget.active and lc.descendant is None:
         raise ValueError(
             "the budget sets no limit: give budget.max_flops, max_params, max_latency_ms or "

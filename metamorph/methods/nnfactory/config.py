@@ -54,17 +54,6 @@ class AssemblerConfig:
 
 
 @dataclass
-class BudgetConfig:
-    """The limits of a :class:`metamorph.devices.Budget` (floats so that ``1e9`` is accepted;
-    the budget rounds parameter and FLOP limits to integers)."""
-
-    max_params: float | None = None
-    max_flops: float | None = None
-    max_latency_ms: float | None = None
-    max_memory_mb: float | None = None
-
-
-@dataclass
 class NNFactoryCustomizeConfig:
     """``metamorph-customize method=nnfactory``'s method options (``nnfactory.*``)."""
 

@@ -34,7 +34,7 @@ from metamorph.methods.nnfactory.class_tasks import (
     task_accuracy,
     task_names,
 )
-from metamorph.methods.nnfactory.config import BudgetConfig, NNFactoryCustomizeConfig
+from metamorph.methods.nnfactory.config import NNFactoryCustomizeConfig
 from metamorph.methods.nnfactory.factory import Factory, load_factory
 from metamorph.methods.nnfactory.supernet import arch_costs
 from metamorph.models.calibrate import recalibrate_batchnorm
@@ -235,12 +235,11 @@ def run_nnfactory(cfg: DictConfig) -> dict:
     ncfg: NNFactoryCustomizeConfig = typed(
         NNFactoryCustomizeConfig, cfg.get("nnfactory"), "nnfactory"
     )
-    bcfg: BudgetConfig = typed(BudgetConfig, cfg.get("budget"), "budget")
     if not ncfg.factory:
         raise ValueError(
             "nnfactory.factory= is required: the factory.json task=nnfactory_assembler wrote"
         )
-    budget = Budget(**vars(bcfg), device=cfg.get("device"))
+    budget = Budget.from_config(cfg.get("budget"), cfg.get("device"))
     if not budget.active:
         raise ValueError(
             "the budget sets no limit: give budget.max_latency_ms, max_flops, max_params or "
