@@ -214,3 +214,25 @@ def test_lana_search_through_customize(lana_house, tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="bespoke.search='sa'"):
         _customize(root, tmp_path / "y", "bespoke.search=sa", "budget.max_latency_ms=1")
     assert not (tmp_path / "x" / "out").exists()
+
+
+def test_plain_fine_tuning_needs_no_teacher(lana_house, tmp_path, monkeypatch):
+    from conftest import QUIET
+
+    monkeypatch.setattr(cust, "measure_model", fake_measure)
+    root, tfile, _ = lana_house
+    teacher_ms = fake_timer(load_model(tfile), None, None).median_ms
+    s = _customize(root, tmp_path / "c", f"budget.max_latency_ms={teacher_ms * 0.8}")
+    args = [
+        *TINY_DATA,
+        *QUIET,
+        "task=bespoke_retrain",
+        f"task.student={s['model_file']}",
+        "task.onnx=false",
+        "trainer.max_steps=2",
+        "+trainer.limit_val_batches=1",
+    ]
+    out = train.run(compose_config("train", tmp_path / "r", [*args, "task.kd_weight=0"]))
+    assert out["global_step"] == 2 and out["test/acc"] is not None
+    with pytest.raises(ValueError, match="task.teacher= is required"):
+        train.run(compose_config("train", tmp_path / "r2", args))

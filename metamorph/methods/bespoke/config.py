@@ -86,7 +86,7 @@ class RetrainConfig:
 
     name: str = "bespoke_retrain"
     student: str | None = None  # the model file metamorph-customize method=bespoke wrote
-    teacher: str | None = None  # the teacher model file
+    teacher: str | None = None  # the teacher model file (not needed with kd_weight 0)
     kd_weight: float = 0.9  # loss = kd_weight * T^2 KL + (1 - kd_weight) * CE
     kd_temperature: float = 4.0
     test_before: bool = True  # test accuracy of the student before retraining (same split)

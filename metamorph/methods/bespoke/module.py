@@ -23,14 +23,17 @@ class RetrainModule(L.LightningModule):
     def __init__(
         self,
         student: nn.Module,
-        teacher: nn.Module,
+        teacher: nn.Module | None,
         cfg: RetrainConfig,
         hparams: dict | None = None,
     ) -> None:
         super().__init__()
         self.student = student
-        self._teacher = [teacher.eval()]  # a list: not a submodule, so not in the checkpoint
-        for p in teacher.parameters():
+        if teacher is None and cfg.kd_weight > 0:
+            raise ValueError("distillation (task.kd_weight > 0) needs a teacher")
+        # a list: not a submodule, so not in the checkpoint; None: plain fine-tuning (kd_weight 0)
+        self._teacher = [None if teacher is None else teacher.eval()]
+        for p in teacher.parameters() if teacher is not None else ():
             p.requires_grad_(False)
         self.cfg = cfg
         self.save_hyperparameters(hparams or {}, logger=True)
@@ -46,22 +49,27 @@ class RetrainModule(L.LightningModule):
         return self.student(x)
 
     def on_fit_start(self) -> None:
-        self.teacher.to(self.device).eval()
+        if self.teacher is not None:
+            self.teacher.to(self.device).eval()
 
     def on_test_start(self) -> None:
-        self.teacher.to(self.device).eval()
+        if self.teacher is not None:
+            self.teacher.to(self.device).eval()
 
     def training_step(self, batch, batch_idx):
         x, y = batch
-        with torch.no_grad():
-            t_logits = self.teacher(x)
         logits = self.student(x)
         t, w = self.cfg.kd_temperature, self.cfg.kd_weight
-        kd = kl_distillation(logits, t_logits, t) * t * t
         ce = F.cross_entropy(logits, y)
-        loss = w * kd + (1 - w) * ce
+        if w > 0:  # with kd_weight 0 the teacher is not run (plain fine-tuning costs no more)
+            with torch.no_grad():
+                t_logits = self.teacher(x)
+            kd = kl_distillation(logits, t_logits, t) * t * t
+            loss = w * kd + (1 - w) * ce
+            self.log("train/kd", kd)
+        else:
+            loss = ce
         self.log("train/loss", loss, prog_bar=True)
-        self.log("train/kd", kd)
         self.log("train/ce", ce)
         return loss
 

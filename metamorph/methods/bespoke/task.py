@@ -180,7 +180,8 @@ def run_retrain(cfg: DictConfig) -> dict:
     if not 0.0 <= tc.kd_weight <= 1.0 or tc.kd_temperature <= 0:
         raise ValueError("task.kd_weight must be in [0, 1] and task.kd_temperature > 0")
     student = load_any_model(tc.student)
-    teacher = _teacher(tc.teacher, "task.teacher")
+    # plain fine-tuning (kd_weight 0) runs no teacher and needs none
+    teacher = _teacher(tc.teacher, "task.teacher") if tc.kd_weight > 0 or tc.teacher else None
     dm = build_datamodule(cfg.data, seed=int(cfg.seed))
     dm.prepare_data()
     dm.setup("fit")
