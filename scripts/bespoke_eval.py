@@ -192,6 +192,18 @@ def jobs(args) -> list[tuple[str, callable]]:
     )
     out.append(
         (
+            "teacher_eval",
+            lambda: [
+                "metamorph-eval",
+                f"src={TEACHER}",
+                "latency=false",
+                f"data.root={ROOT.parent / 'shared' / 'data' / 'cifar10-jpeg'}",
+                "hydra.run.dir=outputs/runs/bespoke_teacher_eval",
+            ],
+        )
+    )
+    out.append(
+        (
             "preprocess",
             lambda: [
                 "metamorph-train",
@@ -394,8 +406,13 @@ def table() -> str:
         "|---|---|---|---|---|---|---|",
     ]
     t = record("teacher_profile")
+    te = record("teacher_eval")
+    te_acc = "-"
+    if te is not None:
+        accs = [v for k, v in te["summary"].items() if "acc" in k and isinstance(v, (int, float))]
+        te_acc = f"{accs[0] * (100 if accs[0] <= 1 else 1):.2f}" if accs else "-"
     rows.append(
-        f"| teacher ResNet-56 (ft) | - | - | - | {ms('teacher')} | {params('teacher')} | - |"
+        f"| teacher ResNet-56 (ft) | - | - | {te_acc} | {ms('teacher')} | {params('teacher')} | - |"
     )
     pre, lana_pre = cpu_min("preprocess"), cpu_min("preprocess_lana")
     for p in PERCENTS:
