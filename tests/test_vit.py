@@ -286,3 +286,25 @@ def test_latency_predictor_validation_refuses_a_vit():
 
     with pytest.raises(ValueError, match="arch=vit_tiny_c10 is not a CIFAR ResNet"):
         random_archs("vit_tiny_c10", 2)
+
+
+def test_resnet_only_tasks_refuse_a_vit_with_a_clear_error(tmp_path):
+    """task=slimmable and task=metamorph make CIFAR ResNets elastic: a ViT is refused by name
+    (a ValueError, which the CLI prints as one line), not a TypeError traceback."""
+    from conftest import TINY_DATA, compose_config
+
+    from metamorph.cli import train
+
+    with pytest.raises(ValueError, match="task=slimmable needs a CIFAR ResNet.*CifarViT"):
+        train.run(
+            compose_config(
+                "train", tmp_path / "s", [*TINY_DATA, "task=slimmable", "model=vit_tiny_c10"]
+            )
+        )
+    vit = save_model(create_model("vit_tiny_c10"), tmp_path / "vit")
+    with pytest.raises(ValueError, match="is a CifarViT: task=metamorph makes CIFAR ResNets"):
+        train.run(
+            compose_config(
+                "train", tmp_path / "m", [*TINY_DATA, "task=metamorph", f"task.base={vit}"]
+            )
+        )

@@ -232,6 +232,11 @@ def run_metamorph(cfg: DictConfig) -> dict:
             "(metamorph-train experiment=finetune/resnet20_cifar10 ...) or point task.base at a model file"
         )
     base = load_any_model(base_path)
+    if not isinstance(base, CifarResNet):
+        raise ValueError(
+            f"task.base={base_path} is a {type(base).__name__}: task=metamorph makes CIFAR "
+            "ResNets metamorphic (a model file of the resnet20/32/44/56/110 family)"
+        )
     p = cfg.task.prepare
     prepared, prep_report = prepare_base(
         base, p.fold_bn, p.permute, p.tsp_time_limit, p.get("hidden_order", "smooth")

@@ -241,7 +241,10 @@ def run_slimmable(cfg: DictConfig) -> dict:
     dm.setup("fit")
     base = build_model(cfg.model, num_classes=dm.num_classes)
     if not isinstance(base, CifarResNet):
-        raise TypeError(f"task=slimmable needs a CifarResNet, got {type(base).__name__}")
+        raise ValueError(
+            f"task=slimmable needs a CIFAR ResNet (model=resnet20/32/44/56/110), got "
+            f"{type(base).__name__} from model={cfg.model.name}"
+        )
     dm.set_normalization(base.arch.mean, base.arch.std)
     if scfg.reorder == "l1":
         sort_hidden_channels(base.eval(), scfg.blocks)
