@@ -428,3 +428,16 @@ def test_genecai_source_reads_a_search_folder(tmp_path):
     gone = {"g": {"source": "genecai", "args": {"run_dir": str(tmp_path / "nope")}}}
     s = run_comparison(comparison_cfg(tmp_path, gone), log=lambda *_: None)
     assert "GeneCAI search folder" in s["missing_methods"]["g"]
+
+
+def test_model_files_describe_a_network_without_resnet_widths(tmp_path):
+    """A model file of another family (a ViT, a stitched descendant) is a point like any other:
+    described by its file, not refused for lacking ResNet hidden widths."""
+    from metamorph.compare.sources.model_files import _descriptor
+    from metamorph.io.model_file import save_model
+    from metamorph.models import create_model
+
+    path = save_model(create_model("vit_tiny_c10"), tmp_path / "vit")
+    assert _descriptor(create_model("vit_tiny_c10"), path, {"file": "vit"}) == {"file": "vit"}
+    net = tiny(4)
+    assert _descriptor(net, save_model(net, tmp_path / "r"))["hidden"] == net.arch.hidden

@@ -17,10 +17,12 @@ from metamorph.compare.registry import Candidate, Found, register_point_source
 
 
 def _descriptor(model, path: Path, extra: dict | None = None) -> dict:
-    """Hidden widths, and the Tucker-2 ranks of a low-rank model file (kept in its JSON)."""
+    """Hidden widths (of a ResNet), and the Tucker-2 ranks of a low-rank model file (kept in its
+    JSON); a network of another family (a stitched descendant, a ViT) is described by its file."""
     from metamorph.io.model_file import read_model_json
 
-    d = {"hidden": model.arch.hidden}
+    hidden = getattr(getattr(model, "arch", None), "hidden", None)
+    d = {"hidden": hidden} if hidden is not None else {}
     lowrank = read_model_json(path).get("arch", {}).get("lowrank")
     if lowrank:
         d["lowrank"] = lowrank
