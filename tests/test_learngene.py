@@ -458,3 +458,24 @@ def test_customize_latency_budget_is_judged_by_the_budgets_fresh_measurement(
     )
     assert measured and s["measured_latency_ms"] == round(measured[-1], 4) and measured[-1] <= limit
     assert all(m > limit for m in measured[:-1])
+
+
+def test_comparison_source_gives_one_point_per_descendant(stages, tmp_path):
+    from test_compare import comparison_cfg
+
+    from metamorph.compare import read_points, run_comparison
+
+    _, _, _, pool = stages
+    system = load_system(pool["system_file"])
+    costs = system.costs()
+    methods = {
+        "lg": {"source": "learngene", "args": {"system": pool["system_file"], "ids": [0, 7]}}
+    }
+    s = run_comparison(comparison_cfg(tmp_path, methods), log=lambda *_: None)
+    assert s["points"] == 2 and s["missing"] == 0
+    pts = read_points(tmp_path / "out" / "points" / "lg.csv")
+    assert [json.loads(q.descriptor)["descendant"] for q in pts] == [0, 7]
+    assert [q.params for q in pts] == [costs[0]["params"], costs[7]["params"]]
+    bad = {"lg": {"source": "learngene", "args": {"system": pool["system_file"], "ids": [99]}}}
+    with pytest.raises(ValueError, match=r"ids 0\.\.12"):
+        run_comparison(comparison_cfg(tmp_path / "b", bad), log=lambda *_: None)

@@ -27,6 +27,7 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "metamorph.methods.nnfactory.customize",  # customization method nnfactory
     "metamorph.methods.learngene.task",  # tasks learngene_aux / _stitch, their kinds
     "metamorph.methods.learngene.customize",  # customization method learngene
+    "metamorph.methods.learngene.points",  # comparison point source learngene
     "metamorph.methods.bespoke.task",  # tasks bespoke_preprocess / _retrain, kind bespoke_retrain
     "metamorph.methods.bespoke.customize",  # customization method bespoke
 )
