@@ -202,6 +202,19 @@ def jobs(args) -> list[tuple[str, callable]]:
             ],
         )
     )
+    for net in PUBLIC:  # the public networks as downloaded, no step on this data
+        out.append(
+            (
+                f"base_{net}_zero",
+                lambda net=net: [
+                    "metamorph-eval",
+                    f"src={akamaster(net)}",
+                    "latency=false",
+                    f"data.root={ROOT.parent / 'shared' / 'data' / 'cifar10-jpeg'}",
+                    f"hydra.run.dir=outputs/runs/bespoke_{net}_zero",
+                ],
+            )
+        )
     out.append(
         (
             "preprocess",
@@ -430,6 +443,9 @@ def table() -> str:
             f"{params(f'pruned_p{p}')} | grid {cpu_min('prune_grid')} + retrain {cpu_min(f'retrain_pruned_p{p}')} |"
         )
     for net in PUBLIC:
+        z = record(f"base_{net}_zero")
+        za = "-" if z is None else f"{z['summary'].get('acc', '-')}"
+        rows.append(f"| {net} as published (no step) | - | - | {za} | - | - | - |")
         for kind in ("kd", "ft"):
             rows.append(
                 f"| {net} {kind} | - | - | {acc(f'base_{net}_{kind}')} | {ms(f'{net}_{kind}')} | "
@@ -438,11 +454,71 @@ def table() -> str:
     return "\n".join(rows)
 
 
+def points() -> dict[str, list[tuple[float, float, str]]]:
+    """(measured ms, test acc %, label) per series, for the plot."""
+    lat = json.loads((OUT / "latency_final.json").read_text())["models"]
+
+    def acc(job: str) -> float | None:
+        r = record(job)
+        v = None if r is None else r["summary"].get("test/acc")
+        return None if v is None else float(v) * (100 if float(v) <= 1 else 1)
+
+    series: dict[str, list] = {}
+
+    def add(name: str, key: str, job: str, label: str) -> None:
+        a = acc(job)
+        if key in lat and a is not None:
+            series.setdefault(name, []).append((lat[key]["latency_ms"], a, label))
+
+    for p in PERCENTS:
+        add("Bespoke (retrained)", f"bespoke_p{p}", f"retrain_bespoke_p{p}", f"{p}%")
+        add(
+            "Bespoke teacher-only (retrained)",
+            f"teacher_only_p{p}",
+            f"retrain_teacher_only_p{p}",
+            f"{p}%",
+        )
+        add("LANA-style MILP (retrained)", f"lana_p{p}", f"retrain_lana_p{p}", f"{p}%")
+        add("Torch-Pruning + KD", f"pruned_p{p}", f"retrain_pruned_p{p}", f"{p}%")
+    for net in PUBLIC:
+        add("ResNet-20/32/44 + KD", f"{net}_kd", f"base_{net}_kd", net[6:])
+        add("ResNet-20/32/44 fine-tuned", f"{net}_ft", f"base_{net}_ft", net[6:])
+    te = record("teacher_eval")
+    if te is not None and "teacher" in lat:
+        series["teacher ResNet-56"] = [
+            (lat["teacher"]["latency_ms"], float(te["summary"]["acc"]), "")
+        ]
+    return series
+
+
+def plot(path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, pts in points().items():
+        pts = sorted(pts)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=name, ms=5)
+        for x, y, lab in pts:
+            if lab:
+                ax.annotate(lab, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.set(xlabel="measured latency, cpu1_b1 (ms)", ylabel="CIFAR-10 test accuracy (%)")
+    ax.set_title("Bespoke vs baselines, same 150-step retraining budget", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    print(path)
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    ap.add_argument("command", choices=("run", "list", "table", "prune", "measure"))
+    ap.add_argument("command", choices=("run", "list", "table", "plot", "prune", "measure"))
     ap.add_argument("--only", default="*", help="fnmatch pattern(s) of jobs, comma-separated")
     ap.add_argument("--anneal-steps", type=int, default=150)
     ap.add_argument("--proxy-images", type=int, default=0, help="0: all the house cached")
@@ -454,6 +530,8 @@ def main(argv: list[str] | None = None) -> None:
         return prune_grid()
     if args.command == "measure":
         return measure(args.rounds)
+    if args.command == "plot":
+        return plot(ROOT / "docs" / "results" / "bespoke_acc_latency.png")
     if args.command == "table":
         print(table())
         return
