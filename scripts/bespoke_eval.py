@@ -141,6 +141,14 @@ def run_job(name: str, cmd: list[str], timeout: int = 3600) -> dict:
 # ----------------------------------------------------------------------------------------------
 
 
+def latency_scale(house: Path) -> float:
+    """The teacher's latency for the budgets (median of 5 metamorph-profile runs) over its declared
+    sum in the house's latency table: the search's calibration, fixed (one in-process measurement
+    at search time read 22.9 ms for a 6.0 ms teacher on the loaded machine)."""
+    declared = json.loads((house / "preprocess.json").read_text())["declared_teacher_ms"]
+    return round(teacher_ms() / float(declared), 4)
+
+
 def retrain_cmd(name: str, student: str, *extra: str) -> list[str]:
     return [
         "metamorph-train",
@@ -166,6 +174,7 @@ def customize_cmd(variant: str, p: int, args) -> list[str]:
         f"bespoke.anneal.steps={args.anneal_steps}",
         f"bespoke.proxy_images={args.proxy_images}",
         "bespoke.onnx=false",
+        f"bespoke.latency_scale={latency_scale(house)}",
     ]
     if variant == "teacher_only":
         cmd.append("bespoke.teacher_only=true")

@@ -211,6 +211,12 @@ def test_lana_search_through_customize(lana_house, tmp_path, monkeypatch):
         assert net(torch.randn(2, 3, 32, 32)).shape == (2, 10)
     with pytest.raises(BudgetError, match="bespoke.search=lana.*no selection"):
         _customize(root, tmp_path / "x", "budget.max_latency_ms=0.01")
+    with pytest.raises(ValueError, match="latency_scale=-1.0 must be positive"):
+        _customize(root, tmp_path / "z", "bespoke.latency_scale=-1", "budget.max_latency_ms=1")
+    scaled = _customize(  # a given scale replaces the calibration: the teacher declares 2x
+        root, tmp_path / "s", "bespoke.latency_scale=2", f"budget.max_latency_ms={teacher_ms}"
+    )
+    assert scaled["latency_scale"] == 2.0 and scaled["teacher_declared_ms"] > 1.9 * teacher_ms
     with pytest.raises(ValueError, match="bespoke.search='sa'"):
         _customize(root, tmp_path / "y", "bespoke.search=sa", "budget.max_latency_ms=1")
     assert not (tmp_path / "x" / "out").exists()

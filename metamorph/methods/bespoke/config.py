@@ -74,6 +74,7 @@ class BespokeCustomizeConfig:
     anneal: AnnealConfig = field(default_factory=AnnealConfig)
     teacher_only: bool = False  # ablation: only alternatives built from the teacher's own blocks
     calibrate: bool = True  # scale declared sums by the teacher's end-to-end latency now / its sum
+    latency_scale: float | None = None  # a given scale instead (e.g. from repeated runs); > 0
     proxy_images: int = 0  # proxy images scoring the search (the first n cached; 0: all)
     top_states: int = 5  # best feasible states measured end to end, in score order, if needed
     eval_test: bool = True  # report the chosen student's test accuracy before retraining

@@ -74,10 +74,16 @@ class ProxyEvaluator:
         return 100.0 * correct / max(1, len(self.labels))
 
 
-def latency_scale(house: House, calibrate: bool, measure=None) -> float:
+def latency_scale(house: House, calibrate: bool, measure=None, given: float | None = None) -> float:
     """The teacher's end-to-end latency measured now on the profile over its declared sum (1
-    without calibration): per-call overheads and the machine's state when the table was taken
-    make the sum differ from what the final, end-to-end measurement will see."""
+    without calibration; ``given`` when set, e.g. the ratio of a median over repeated
+    metamorph-profile runs, since one measurement on a loaded machine can be off by a factor):
+    per-call overheads and the machine's state when the table was taken make the sum differ from
+    what the final, end-to-end measurement will see."""
+    if given is not None:
+        if not given > 0:
+            raise ValueError(f"bespoke.latency_scale={given} must be positive")
+        return float(given)
     if not calibrate:
         return 1.0
     profile = house.meta.get("device") or "cpu1_b1"
@@ -103,7 +109,7 @@ def search(house: House, budget_ms: float, cfg: BespokeCustomizeConfig, log=prin
     """Solo accuracies, then annealing; returns (result, evaluator, choices, teacher ms)."""
     teacher = house.teacher
     table = house.latency
-    scale = latency_scale(house, cfg.calibrate, measure_model)
+    scale = latency_scale(house, cfg.calibrate, measure_model, cfg.latency_scale)
     base_ms = declared_latency(chain(teacher, {}), table) * scale
     choices = []
     for s in house.specs:
