@@ -4,6 +4,7 @@ tasks and search methods (a new entry plugs in without any CLI file naming it)."
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -207,3 +208,32 @@ def test_task_individual_is_pretrain_under_its_own_name(isolated_env):
     assert new.task.name == "individual" and old.task.name == "pretrain"
     assert {**new.task, "name": "pretrain"} == dict(old.task)
     assert rt.get_task(new.task.name) is run_individual
+
+
+def test_run_task_makes_the_export_folder_before_the_task_runs(tmp_path):
+    """A run must not train for hours and then fail to write its result into a missing folder."""
+    from omegaconf import OmegaConf
+
+    from metamorph.runtime.tasks import TASKS, register_task, run_task
+
+    seen = {}
+
+    def probe(cfg):
+        seen["exists"] = Path(cfg.export_to).parent.is_dir()
+        return {}
+
+    register_task("test_export_probe")(probe)
+    try:
+        target = tmp_path / "a" / "b" / "model"
+        run_task(
+            OmegaConf.create({"task": {"name": "test_export_probe"}, "export_to": str(target)})
+        )
+        assert seen["exists"]
+        (tmp_path / "file").write_text("x")
+        bad = OmegaConf.create(
+            {"task": {"name": "test_export_probe"}, "export_to": str(tmp_path / "file" / "m")}
+        )
+        with pytest.raises(ValueError, match="is a file, not a folder"):
+            run_task(bad)
+    finally:
+        TASKS._entries.pop("test_export_probe", None)

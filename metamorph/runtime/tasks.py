@@ -8,6 +8,7 @@ listed in :data:`metamorph.runtime.plugins.BUILTIN_PLUGINS`.
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 from omegaconf import DictConfig
 
@@ -36,5 +37,14 @@ def list_tasks() -> list[str]:
 
 
 def run_task(cfg: DictConfig) -> dict:
-    """Run the task named by ``cfg.task.name``; returns its summary."""
-    return get_task(str(cfg.task.name))(cfg)
+    """Run the task named by ``cfg.task.name``; returns its summary. ``export_to``'s folder is
+    made before the task starts (every task writes its result there at the end: a missing
+    folder must not cost the run), and a path that cannot be a folder fails before any work."""
+    fn = get_task(str(cfg.task.name))
+    export_to = cfg.get("export_to")
+    if export_to:
+        parent = Path(str(export_to)).parent
+        if parent.exists() and not parent.is_dir():
+            raise ValueError(f"export_to={export_to}: {parent} is a file, not a folder")
+        parent.mkdir(parents=True, exist_ok=True)
+    return fn(cfg)
