@@ -242,3 +242,22 @@ def test_plain_fine_tuning_needs_no_teacher(lana_house, tmp_path, monkeypatch):
     assert out["global_step"] == 2 and out["test/acc"] is not None
     with pytest.raises(ValueError, match="task.teacher= is required"):
         train.run(compose_config("train", tmp_path / "r2", args))
+
+
+def test_greedy_start_falls_back_to_the_largest_savings_under_a_tight_budget():
+    from metamorph.methods.bespoke.anneal import Choice, anneal
+
+    # one-block replacements lose little per ms but cannot reach 4 ms; the 3-block one can
+    small = [
+        Choice(
+            f"s{i}",
+            i,
+            i + 1,
+            -0.5,
+        )
+        for i in range(3)
+    ]
+    big = Choice("big", 0, 3, -2.5)
+    acc = {"s0": 89.0, "s1": 89.0, "s2": 89.0, "big": 80.0}
+    res = anneal([*small, big], lambda s: min(acc[i] for i in s), 6.0, 4.0, acc, 90.0, steps=0)
+    assert res.greedy == frozenset({"big"}) and res.best == frozenset({"big"})

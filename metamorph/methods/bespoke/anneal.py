@@ -4,7 +4,8 @@ A state is a set of alternatives whose teacher segments do not overlap. Moves: a
 alternative (disjoint from the state), remove one, or swap (put one in and take out every member
 it overlaps). Score = proxy accuracy (%) minus ``penalty * 100 * max(0, latency / budget - 1)``;
 latency is the sum of measured table entries. The start is greedy: alternatives in order of
-accuracy lost per millisecond saved (each measured alone in the teacher) until the budget is met.
+accuracy lost per millisecond saved (each measured alone in the teacher) until the budget is met;
+where that cannot meet it, the largest savings first.
 Accepted with probability ``exp(delta / T)``, ``T`` cooled geometrically. The best *feasible*
 state (latency within the budget) is kept, plus the runners-up, so the caller can measure them
 end to end in order; an infeasible state is never reported as feasible.
@@ -79,12 +80,23 @@ def anneal(
     # greedy start: least accuracy lost per ms saved first
     gain = [c for c in choices if c.delta_ms < 0]
     gain.sort(key=lambda c: ((base_acc - solo_acc.get(c.id, 0.0)) / -c.delta_ms, c.id))
-    state: frozenset = frozenset()
-    for c in gain:
-        if latency(state) <= budget_ms:
-            break
-        if all(not c.overlaps(by_id[i]) for i in state):
-            state = state | {c.id}
+
+    def fill(order: list[Choice]) -> frozenset:
+        state: frozenset = frozenset()
+        for c in order:
+            if latency(state) <= budget_ms:
+                break
+            if all(not c.overlaps(by_id[i]) for i in state):
+                state = state | {c.id}
+        return state
+
+    state = fill(gain)
+    if latency(state) > budget_ms:
+        # a tight budget: the cheapest-per-ms replacements fill the network before it is fast
+        # enough; fall back to the largest savings first (feasible whenever that reaches it)
+        by_saving = fill(sorted(gain, key=lambda c: (c.delta_ms, c.id)))
+        if latency(by_saving) < latency(state):
+            state = by_saving
     greedy = state
     feasible: dict[frozenset, float] = {}
 

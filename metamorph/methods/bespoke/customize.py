@@ -270,7 +270,8 @@ def run_bespoke(cfg: DictConfig) -> dict:
     print(f"[metamorph-customize] bespoke house={bcfg.house} budget: {budget.describe()}")
     t0 = time.perf_counter()
     try:
-        res, ev, choices, base_ms, solo, scale = search(house, budget.max_latency_ms, bcfg)
+        # the search aims at what the end-to-end check accepts (the budget less its margin)
+        res, ev, choices, base_ms, solo, scale = search(house, budget.accepted_latency_ms, bcfg)
     except lana.InfeasibleBudget as e:
         raise BudgetError(f"bespoke.search=lana, budget.max_latency_ms: {e}") from None
     t_search = time.perf_counter() - t0
