@@ -176,6 +176,7 @@ def customize_cmd(variant: str, p: int, args) -> list[str]:
         "bespoke.onnx=false",
         f"bespoke.latency_scale={latency_scale(house)}",
         "bespoke.measure_repeats=3",
+        "bespoke.retries=2",
         "bespoke.top_states=10",
     ]
     if variant == "teacher_only":

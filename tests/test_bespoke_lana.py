@@ -261,3 +261,24 @@ def test_greedy_start_falls_back_to_the_largest_savings_under_a_tight_budget():
     acc = {"s0": 89.0, "s1": 89.0, "s2": 89.0, "big": 80.0}
     res = anneal([*small, big], lambda s: min(acc[i] for i in s), 6.0, 4.0, acc, 90.0, steps=0)
     assert res.greedy == frozenset({"big"}) and res.best == frozenset({"big"})
+
+
+def test_search_retries_lower_when_every_state_measures_over(lana_house, tmp_path, monkeypatch):
+    root, tfile, _ = lana_house
+    teacher_ms = fake_timer(load_model(tfile), None, None).median_ms
+    calls = []
+
+    def slow_at_first(model, profile):  # the first round's measurements read 1.6x (load)
+        calls.append(1)
+        m = fake_measure(model, profile)
+        if len(calls) <= len(cust.LANA_TIGHTEN):
+            m.latency_ms *= 1.6
+        return m
+
+    monkeypatch.setattr(cust, "measure_model", slow_at_first)
+    budget = f"budget.max_latency_ms={teacher_ms * 0.8}"
+    with pytest.raises(BudgetError, match="all over budget"):
+        _customize(root, tmp_path / "a", budget, "bespoke.top_states=10")
+    calls.clear()
+    s = _customize(root, tmp_path / "b", budget, "bespoke.top_states=10", "bespoke.retries=2")
+    assert s["retried"] and s["measured_latency_ms"] <= teacher_ms * 0.8 * 0.95
