@@ -166,6 +166,26 @@ def test_system_file_round_trips(tmp_path):
         load_system(tmp_path / "nothing")
 
 
+def test_recalibrated_descendants_keep_their_own_bn_statistics_through_the_file(tmp_path):
+    """Descendants share the members' BN layers: recalibrate(d) gives descendant d statistics of
+    its own (the others untouched), and the system file and materialize() carry them."""
+    system, _, _ = pool_of()
+    initialize_stitches(system, "snnet", torch.randn(8, 3, 32, 32))
+    system.eval()
+    x = torch.randn(4, 3, 32, 32)
+    images = [torch.randn(16, 3, 32, 32) * 3 + 1 for _ in range(2)]
+    shared_before = system(x, 7)
+    net = system.recalibrate(7, images)
+    assert not torch.allclose(net(x), shared_before)  # its own statistics now
+    torch.testing.assert_close(system(x, 7), shared_before)  # the shared layers are untouched
+    torch.testing.assert_close(system.materialize(7)(x), net(x))
+    torch.testing.assert_close(system.materialize(3)(x), system(x, 3))  # not recalibrated
+    back = load_system(save_system(system, tmp_path / "system"))
+    assert sorted(back.bn_stats) == [7]
+    torch.testing.assert_close(back.materialize(7)(x), net(x))
+    torch.testing.assert_close(back(x, 7), shared_before)
+
+
 SHORT = [
     *TINY_DATA,
     *QUIET,
@@ -479,3 +499,22 @@ def test_comparison_source_gives_one_point_per_descendant(stages, tmp_path):
     bad = {"lg": {"source": "learngene", "args": {"system": pool["system_file"], "ids": [99]}}}
     with pytest.raises(ValueError, match=r"ids 0\.\.12"):
         run_comparison(comparison_cfg(tmp_path / "b", bad), log=lambda *_: None)
+
+
+def test_stitch_task_bn_images_evaluates_descendants_with_their_own_statistics(stages, tmp_path):
+    root, anc, aux, _ = stages
+    members = f"[{aux['tiny']['model_files'][0]},{aux['base']['model_files'][0]}]"
+    over = [
+        *SHORT,
+        "task=learngene_stitch",
+        f"task.members={members}",
+        f"task.ancestry={anc}",
+        "task.latency=false",
+        "task.bn_images=16",
+        "task.evaluate_ids=[0,7]",
+    ]
+    out = train.run(compose_config("train", tmp_path / "bn", over))
+    assert out["bn_recalibrated"] == [0, 7]
+    rows = json.loads(Path(out["table"]).read_text())["descendants"]
+    assert [r["bn_recalibrated"] for r in rows] == [True, True]
+    assert sorted(load_system(out["system_file"]).bn_stats) == [0, 7]

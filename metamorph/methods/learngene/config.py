@@ -47,6 +47,9 @@ class StitchConfig:
     # train: BN running statistics updated by every sampled descendant (shared by all of them);
     # frozen: the members' own statistics kept (BN layers in eval mode, affine still trained)
     bn_stats: str = "train"
+    # > 0: after the fine-tune, each evaluated descendant's BN statistics re-estimated on this
+    # many training images and stored for it in the system file (exports carry them)
+    bn_images: int = 0
     paths: list[int] | None = None  # descendants sampled in training (null: all, uniformly)
     probes: list[int] | None = None  # descendants validated each epoch (null: every member)
     evaluate: bool = True  # evaluate every descendant on val + test at the end

@@ -96,6 +96,10 @@ class StitchedSystem(nn.Module):
         if len(kinds) != 1:
             raise ValueError(f"members of one system must be of one stitch kind, got {kinds}")
         self.descendants = enumerate_descendants(list(self.members))
+        # per-descendant BatchNorm statistics (state-dict entries of its plain network), set by
+        # recalibrate(): the descendants share the members' BN layers, whose running statistics
+        # one joint fine-tune leaves right for none of them (docs/results/learngene.md)
+        self.bn_stats: dict[int, dict[str, torch.Tensor]] = {}
         self.stitches = nn.ModuleDict()
         for d in self.descendants:
             if d.stitched and d.slot not in self.stitches:
@@ -133,7 +137,26 @@ class StitchedSystem(nn.Module):
 
     def materialize(self, d: int) -> nn.Module:
         """Descendant ``d`` as a plain network (a copy): the member itself (e.g. a CifarResNet)
-        or a :class:`~metamorph.models.stitched.StitchedNet`."""
+        or a :class:`~metamorph.models.stitched.StitchedNet`, with its own BatchNorm statistics
+        when :meth:`recalibrate` estimated them."""
+        net = self._materialize(d)
+        if d in self.bn_stats:
+            bad = net.load_state_dict(self.bn_stats[d], strict=False).unexpected_keys
+            if bad:
+                raise ValueError(f"descendant {d}'s BN statistics name unknown entries {bad[:3]}")
+        return net
+
+    @torch.no_grad()
+    def recalibrate(self, d: int, batches) -> nn.Module:
+        """Re-estimate descendant ``d``'s BatchNorm statistics on ``batches`` (normalised training
+        images) and keep them for it (saved with the system); returns its plain network."""
+        from metamorph.models.calibrate import recalibrate_batchnorm
+
+        net = self._materialize(d)
+        self.bn_stats[d] = recalibrate_batchnorm(net, batches)
+        return net.eval()
+
+    def _materialize(self, d: int) -> nn.Module:
         desc = self.descendant(d)
         front = self.members[desc.front]
         if not desc.stitched:
@@ -213,6 +236,9 @@ class StitchedSystem(nn.Module):
 # ----------------------------------------------------------------------------------------------
 
 
+BN_PREFIX = "descendant_bn."  # <prefix><id>.<state-dict key>: a descendant's own BN statistics
+
+
 def save_system(system: StitchedSystem, path, meta: dict | None = None):
     members = []
     for name, m in zip(system.names, system.members):
@@ -224,8 +250,12 @@ def save_system(system: StitchedSystem, path, meta: dict | None = None):
         "descendants": [d.to_dict() for d in system.descendants],
         "stored_params": system.stored_params(),
         "meta": meta or {},
+        "bn_stats_descendants": sorted(system.bn_stats),
     }
-    return write_pair(path, system.state_dict(), doc)
+    tensors = dict(system.state_dict())
+    for d, stats in system.bn_stats.items():
+        tensors.update({f"{BN_PREFIX}{d}.{k}": v.contiguous() for k, v in stats.items()})
+    return write_pair(path, tensors, doc)
 
 
 def load_system(path, map_location: str = "cpu") -> StitchedSystem:
@@ -240,6 +270,9 @@ def load_system(path, map_location: str = "cpu") -> StitchedSystem:
     members = [build_from_arch(m["family"], m["arch"]) for m in doc["members"]]
     system = StitchedSystem(members, [m["name"] for m in doc["members"]])
     state = read_pair_tensors(path, map_location, hint="; re-run task=learngene_stitch")
+    for key in [k for k in state if k.startswith(BN_PREFIX)]:
+        d, name = key[len(BN_PREFIX) :].split(".", 1)
+        system.bn_stats.setdefault(int(d), {})[name] = state.pop(key)
     system.load_state_dict(state)
     system.meta = doc.get("meta", {})
     return system.eval()

@@ -159,9 +159,13 @@ def evaluate_descendants(
         )
         for split in ("val", "test"):
             if len(dm.split_tensors(split)[1]):
-                row[f"{split}_acc"] = round(
-                    top1(lambda x, d=d: system(x, d.id), dm.normalized_batches(split)), 2
+                fn = (
+                    system.materialize(d.id)
+                    if d.id in system.bn_stats
+                    else (lambda x, d=d: system(x, d.id))
                 )
+                row[f"{split}_acc"] = round(top1(fn, dm.normalized_batches(split)), 2)
+        row["bn_recalibrated"] = d.id in system.bn_stats
         if latency_device:
             from metamorph.devices import measure_model
 
@@ -175,6 +179,19 @@ def evaluate_descendants(
         )
         rows.append(row)
     return rows
+
+
+def recalibrate_descendants(
+    system: StitchedSystem, dm, n: int, ids=None, seed: int = 0, batch_size: int = 128
+) -> list[int]:
+    """Each descendant's BatchNorm statistics re-estimated on ``n`` seeded training images (the
+    same images for every descendant) and stored in the system; returns the ids."""
+    x = dm.transform_batch(dm.subset("train", int(n), seed=seed + 1)[0])
+    batches = [x[i : i + batch_size] for i in range(0, len(x), batch_size)]
+    todo = [d.id for d in system.descendants] if ids is None else [int(i) for i in ids]
+    for d in todo:
+        system.recalibrate(d, batches)
+    return todo
 
 
 @torch.no_grad()
@@ -257,6 +274,12 @@ def run_stitch(cfg: DictConfig) -> dict:
     trainer = fit_and_test(cfg, module, dm, summary)
     summary["paths_drawn"] = len(module.trained_paths)
     if trainer.is_global_zero and not trainer.fast_dev_run:
+        if tc.bn_images > 0:
+            t = time.time()
+            summary["bn_recalibrated"] = recalibrate_descendants(
+                system.cpu(), dm, tc.bn_images, tc.evaluate_ids, int(cfg.seed)
+            )
+            summary["bn_recalibration_s"] = round(time.time() - t, 1)
         meta = {"name": cfg.name, "learngene": {k: v for k, v in summary.items()}}
         summary["system_file"] = str(save_system(system.cpu(), out_dir / "system", meta=meta))
         if tc.evaluate:
