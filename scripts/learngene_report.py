@@ -18,8 +18,6 @@ SYSTEMS = {
     "pool6": "Learngene pool (tiny6 + base6, transposed-mean init)",
     "pool6_lsinit": "Learngene instances + least-squares init (ablation)",
     "snnet_r20_r56": "SN-Net (ResNet-20 + ResNet-56 anchors, least-squares init)",
-    "pool6_bn_frozen": "Learngene pool, fine-tune with BN statistics frozen (ablation)",
-    "pool6_lr1e-4": "Learngene pool, fine-tune at AdamW lr 1e-4 (ablation)",
 }
 
 
@@ -112,7 +110,6 @@ def plot(t: dict, path: Path) -> None:
     for key, marker in (
         ("pool6", "o"),
         ("pool6_lsinit", "s"),
-        ("pool6_lr1e-4", "D"),
         ("snnet_r20_r56", "^"),
     ):
         if key in t:
