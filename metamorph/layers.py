@@ -5,7 +5,7 @@ Parts with the same rank are independent of each other. A key is a package (``"e
 module inside one (``"export.formats"``); the longest matching key decides. Lower layers reach
 upper ones only through the registries' declared plugin list
 (:data:`metamorph.runtime.plugins.BUILTIN_PLUGINS`, imported by name on first lookup).
-A new package must be added here (a new method goes under ``methods``, rank 9).
+A new package must be added here (a new method goes under ``methods``, rank 10).
 """
 
 LAYERS: dict[str, int] = {
@@ -25,9 +25,11 @@ LAYERS: dict[str, int] = {
     "tasks": 8,  # LightningModules and the runners of metamorph-train's tasks
     "search": 9,  # GeneCAI search and its methods
     "compare": 9,  # method comparison over sources
-    "methods": 9,  # new methods (NN-Factory, Bespoke, Learngene Pool): one package each
-    "api": 10,  # the Python API (metamorph.load_metamorphic, ...)
-    "": 11,  # metamorph/__init__.py (and any other root module not listed)
-    "cli": 12,  # thin console entry points
+    # new methods (NN-Factory, Bespoke, Learngene Pool): one package each, above compare so that
+    # a method registers its own comparison point source
+    "methods": 10,
+    "api": 11,  # the Python API (metamorph.load_metamorphic, ...)
+    "": 12,  # metamorph/__init__.py (and any other root module not listed)
+    "cli": 13,  # thin console entry points
     "layers": 0,  # this table
 }

@@ -282,3 +282,29 @@ def test_search_retries_lower_when_every_state_measures_over(lana_house, tmp_pat
     calls.clear()
     s = _customize(root, tmp_path / "b", budget, "bespoke.top_states=10", "bespoke.retries=2")
     assert s["retried"] and s["measured_latency_ms"] <= teacher_ms * 0.8 * 0.95
+
+
+def test_a_dwsep_model_file_loads_in_a_process_that_never_imported_the_method(tmp_path):
+    """metamorph-profile / metamorph.load rebuild a model file from its family: a LANA student's
+    family must be known without importing metamorph.methods.bespoke."""
+    import subprocess
+    import sys
+
+    from metamorph.io.model_file import save_model
+    from metamorph.models import create_model
+    from metamorph.models.dwsep import dwsep_block, dwsep_layers
+    from metamorph.models.segments import set_submodule
+
+    net = create_model("resnet20").eval()
+    set_submodule(net, "layer2.1", dwsep_block(net.layer2[1]))
+    assert dwsep_layers(net)
+    path = save_model(net, tmp_path / "student")
+    code = (
+        "import sys, torch, metamorph; from metamorph.io.model_file import load_model; "
+        f"m = load_model({str(path)!r}); "
+        "assert 'metamorph.methods.bespoke' not in sys.modules; "
+        "print(type(m.layer2[1].conv1).__name__)"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.strip() == "DWSepConv"

@@ -1,5 +1,6 @@
 """Architectures (plain ``nn.Module``s), their registry and structural transforms."""
 
+from metamorph.models.dwsep import DWSEP_FAMILY, DWSepConv
 from metamorph.models.folding import fold_batchnorm, fold_conv_bn, insert_batchnorm
 from metamorph.models.lowrank import LOWRANK_FAMILY, Tucker2Conv
 from metamorph.models.registry import (
@@ -29,6 +30,8 @@ __all__ = [
     "BasicBlock",
     "CIFAR10_MEAN",
     "CIFAR10_STD",
+    "DWSEP_FAMILY",
+    "DWSepConv",
     "CifarResNet",
     "CifarViT",
     "IMAGENET_MEAN",

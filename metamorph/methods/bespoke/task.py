@@ -16,7 +16,6 @@ from omegaconf import DictConfig, OmegaConf
 from metamorph.config.schema import typed
 from metamorph.io.atomic import atomic_write_text
 from metamorph.io.model_file import save_model
-from metamorph.methods.bespoke import lana  # noqa: F401  (registers cifar_resnet_dwsep)
 from metamorph.methods.bespoke.config import ALL_KINDS, PreprocessConfig, RetrainConfig
 from metamorph.methods.bespoke.features import FeatureCache
 from metamorph.methods.bespoke.house import (
