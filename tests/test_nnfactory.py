@@ -286,6 +286,12 @@ def fake_measure(factor_for):
     return measure, calls
 
 
+def patch_measure(monkeypatch, measure) -> None:
+    """The budget's end-to-end check (``Budget.measure``, fresh processes) replaced by
+    ``measure(model, profile)``."""
+    monkeypatch.setattr(cust.Budget, "measure", lambda self, model: measure(model, self.profile))
+
+
 def _customize(trained, tmp_path, *overrides):
     _, _, s2 = trained
     cfg = compose_config(
@@ -310,7 +316,7 @@ def test_customization_never_returns_a_model_over_budget(trained, tmp_path, monk
     monkeypatch.setattr(cust, "LatencyPredictor", FakePredictor)
     # the two best-ranked candidates measure 40% slower than predicted: they must be passed over
     measure, calls = fake_measure(lambda i: 1.4 if i < 2 else 1.0)
-    monkeypatch.setattr(cust, "measure_model", measure)
+    patch_measure(monkeypatch, measure)
     full = FakePredictor().predict(cifar_resnet_arch(depth=20, stage_widths=[4, 8, 8]))
     limit = round(0.6 * full, 4)
     s = _customize(trained, tmp_path, f"classes={task}", f"budget.max_latency_ms={limit}")
@@ -342,7 +348,7 @@ def test_bad_tasks_and_impossible_budgets_fail_clearly_and_write_nothing(
     trained, tmp_path, monkeypatch, overrides, message
 ):
     monkeypatch.setattr(cust, "LatencyPredictor", FakePredictor)
-    monkeypatch.setattr(cust, "measure_model", fake_measure(lambda i: 1.0)[0])
+    patch_measure(monkeypatch, fake_measure(lambda i: 1.0)[0])
     with pytest.raises(ValueError, match=message):
         _customize(trained, tmp_path, *overrides)
     assert not (tmp_path / "out").exists()
@@ -353,7 +359,7 @@ def test_customization_writes_a_checked_onnx_file_on_request(trained, tmp_path, 
     import onnxruntime as ort
 
     monkeypatch.setattr(cust, "LatencyPredictor", FakePredictor)
-    monkeypatch.setattr(cust, "measure_model", fake_measure(lambda i: 1.0)[0])
+    patch_measure(monkeypatch, fake_measure(lambda i: 1.0)[0])
     s = _customize(
         trained,
         tmp_path,
@@ -381,7 +387,7 @@ def test_customization_writes_a_checked_onnx_file_on_request(trained, tmp_path, 
 
 def test_a_budget_every_candidate_measures_over_raises(trained, tmp_path, monkeypatch):
     monkeypatch.setattr(cust, "LatencyPredictor", FakePredictor)
-    monkeypatch.setattr(cust, "measure_model", fake_measure(lambda i: 10.0)[0])
+    patch_measure(monkeypatch, fake_measure(lambda i: 10.0)[0])
     with pytest.raises(BudgetError, match=r"measured end to end, all over budget"):
         _customize(trained, tmp_path, "classes=[cat,dog]", "budget.max_latency_ms=2.0")
     assert not (tmp_path / "out").exists()
