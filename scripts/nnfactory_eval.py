@@ -488,6 +488,28 @@ def run(conf: dict, args, rows: list[dict], rows_path: Path) -> None:
                     )
 
 
+def paired(rows: list[dict]) -> list[dict]:
+    """Each baseline against NN-Factory on the baseline's own tasks (a baseline run on fewer
+    tasks is compared on those only): mean accuracy difference and how often it is above."""
+    acc = {(r["method"], tuple(r["task"]), r["budget_frac"]): r.get("acc") for r in rows}
+    out = []
+    for m in sorted({r["method"] for r in rows} - {"nnfactory"}):
+        for f in sorted({r["budget_frac"] for r in rows}):
+            d = [
+                a - acc[("nnfactory", t, ff)]
+                for (mm, t, ff), a in acc.items()
+                if mm == m and ff == f and a is not None
+                and acc.get(("nnfactory", t, ff)) is not None
+            ]  # fmt: skip
+            if d:
+                out.append(
+                    {"method": m, "budget_frac": f, "tasks": len(d),
+                     "mean_minus_nnfactory": round(sum(d) / len(d), 2),
+                     "above": sum(x > 0 for x in d), "ties": sum(x == 0 for x in d)}
+                )  # fmt: skip
+    return out
+
+
 def write_table(rows: list[dict], out: Path) -> dict:
     from metamorph.methods.nnfactory.evaluation import markdown, summarize
 
@@ -499,7 +521,19 @@ def write_table(rows: list[dict], out: Path) -> dict:
             w.writeheader()
             w.writerows(summary)
     print(markdown(summary))
-    result = {"rows": len(rows), "summary": summary}
+    pairs = paired(rows)
+    lines = [
+        "| method | budget (x full) | tasks | mean acc - nnfactory | above | ties |",
+        "|---|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {q['method']} | {q['budget_frac']} | {q['tasks']} | {q['mean_minus_nnfactory']} | "
+        f"{q['above']} | {q['ties']} |"
+        for q in pairs
+    ]
+    (out / "paired.md").write_text("\n".join(lines) + "\n")
+    print("\n" + "\n".join(lines))
+    result = {"rows": len(rows), "summary": summary, "paired": pairs}
     print(json.dumps(result))
     return result
 
