@@ -76,6 +76,14 @@ def _stat_key(path: Path, map_location) -> tuple:
     return (str(path.resolve()), st.st_mtime_ns, st.st_size, str(map_location))
 
 
+def submodule_state(ckpt: dict, prefix: str) -> dict:
+    """The entries of a Lightning checkpoint's ``state_dict`` under ``prefix`` (e.g. ``"net."``:
+    the attribute the LightningModule holds the network in), with the prefix removed."""
+    return {
+        k.removeprefix(prefix): v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)
+    }
+
+
 def read_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Any:
     """``torch.load(path, weights_only=True)`` with clear errors: missing file, a directory,
     objects outside the weights-only allow-list, truncated or corrupt data."""

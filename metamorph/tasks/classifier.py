@@ -20,6 +20,7 @@ from metamorph.runtime.checkpoints import (
     lightning_task,
     read_checkpoint,
     register_checkpoint_kind,
+    submodule_state,
 )
 from metamorph.runtime.data import build_datamodule
 from metamorph.runtime.networks import build_model
@@ -141,8 +142,6 @@ def load_pretrain_checkpoint(path: str | Path, map_location: str = "cpu") -> nn.
     model_cfg = cfg.model
     model_cfg.init = None
     net = build_model(model_cfg, num_classes=None)
-    state = {
-        k.removeprefix("net."): v for k, v in ckpt["state_dict"].items() if k.startswith("net.")
-    }
+    state = submodule_state(ckpt, "net.")
     net.load_state_dict(state)
     return net.eval()

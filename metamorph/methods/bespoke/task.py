@@ -29,7 +29,7 @@ from metamorph.methods.bespoke.module import RETRAIN_KIND, RetrainModule
 from metamorph.methods.bespoke.preprocess import measure_table, train_house
 from metamorph.models.metrics import top1
 from metamorph.models.resnet_cifar import CifarResNet
-from metamorph.runtime.checkpoints import read_checkpoint, register_checkpoint_kind
+from metamorph.runtime.checkpoints import read_checkpoint, register_checkpoint_kind, submodule_state
 from metamorph.runtime.data import build_datamodule
 from metamorph.runtime.networks import load_any_model
 from metamorph.runtime.summary import plain
@@ -227,10 +227,6 @@ def load_retrain_checkpoint(path, map_location: str = "cpu") -> CifarResNet:
     ckpt = read_checkpoint(path, map_location)
     student_file = ckpt["hyper_parameters"]["config"]["task"]["student"]
     net = load_any_model(student_file)
-    state = {
-        k.removeprefix("student."): v
-        for k, v in ckpt["state_dict"].items()
-        if k.startswith("student.")
-    }
+    state = submodule_state(ckpt, "student.")
     net.load_state_dict(state)
     return net.eval()

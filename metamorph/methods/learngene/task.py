@@ -40,7 +40,7 @@ from metamorph.methods.learngene.stitch import INITS
 from metamorph.models.metrics import top1
 from metamorph.models.registry import build_from_arch
 from metamorph.models.stitched import family_arch
-from metamorph.runtime.checkpoints import read_checkpoint, register_checkpoint_kind
+from metamorph.runtime.checkpoints import read_checkpoint, register_checkpoint_kind, submodule_state
 from metamorph.runtime.data import build_datamodule
 from metamorph.runtime.networks import load_any_model
 from metamorph.runtime.summary import plain
@@ -327,11 +327,7 @@ def load_aux_checkpoint(path, map_location: str = "cpu"):
     ancestry = load_any_model(tc.ancestry)
     student = auxiliary_network(ancestry, tc.width, tc.blocks)
     distiller = _distiller(student, ancestry, tc)
-    state = {
-        k.removeprefix("distiller."): v
-        for k, v in ckpt["state_dict"].items()
-        if k.startswith("distiller.")
-    }
+    state = submodule_state(ckpt, "distiller.")
     distiller.load_state_dict(state)
     return student_network(distiller).eval()
 
@@ -343,10 +339,6 @@ def load_stitch_checkpoint(path, map_location: str = "cpu") -> StitchedSystem:
     cfg = ckpt["hyper_parameters"]["config"]
     tc = typed(StitchConfig, cfg["task"], "task")
     system, _ = build_system(tc, int(cfg.get("seed", 0)))
-    state = {
-        k.removeprefix("system."): v
-        for k, v in ckpt["state_dict"].items()
-        if k.startswith("system.")
-    }
+    state = submodule_state(ckpt, "system.")
     system.load_state_dict(state)
     return system.eval()

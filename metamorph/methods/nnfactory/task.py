@@ -35,7 +35,7 @@ from metamorph.methods.nnfactory.module import (
 )
 from metamorph.methods.nnfactory.supernet import ModularSupernet
 from metamorph.models.resnet_cifar import CifarResNet
-from metamorph.runtime.checkpoints import read_checkpoint, register_checkpoint_kind
+from metamorph.runtime.checkpoints import read_checkpoint, register_checkpoint_kind, submodule_state
 from metamorph.runtime.data import build_datamodule
 from metamorph.runtime.networks import build_model
 from metamorph.runtime.summary import plain
@@ -174,11 +174,7 @@ def _stage_network(ckpt: dict) -> CifarResNet:
     cfg = OmegaConf.create(ckpt["hyper_parameters"]["config"])
     model_cfg = cfg.model
     model_cfg.init = None
-    state = {
-        k.removeprefix("supernet.net."): v
-        for k, v in ckpt["state_dict"].items()
-        if k.startswith("supernet.net.")
-    }
+    state = submodule_state(ckpt, "supernet.net.")
     arch_net = build_model(model_cfg, num_classes=int(state["fc.weight"].shape[0]))
     arch_net.load_state_dict(state)
     return arch_net.eval()
@@ -197,11 +193,7 @@ def load_assembler_checkpoint(path, map_location: str = "cpu") -> Assembler:
     """The assembler of a ``task=nnfactory_assembler`` Lightning checkpoint (``weights_only``)."""
     ckpt = read_checkpoint(path, map_location)
     tc = typed(AssemblerConfig, ckpt["hyper_parameters"]["config"]["task"], "task")
-    state = {
-        k.removeprefix("assembler."): v
-        for k, v in ckpt["state_dict"].items()
-        if k.startswith("assembler.")
-    }
+    state = submodule_state(ckpt, "assembler.")
     num_modules, num_classes = state["head.weight"].shape[0], state["body.0.weight"].shape[1] - 1
     a = Assembler(num_classes, num_modules, tc.hidden, tc.layers, tc.use_task, tc.use_sparsity)
     a.load_state_dict(state)
