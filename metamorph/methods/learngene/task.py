@@ -157,13 +157,14 @@ def evaluate_descendants(
         row["depth_blocks"] = d.front_blocks + (
             len(system.members[d.back].blocks) - d.back_start if d.stitched else 0
         )
+        # a descendant with its own BN statistics runs as its plain network (materialized once)
+        fn = (
+            system.materialize(d.id)
+            if d.id in system.bn_stats
+            else (lambda x, d=d: system(x, d.id))
+        )
         for split in ("val", "test"):
             if len(dm.split_tensors(split)[1]):
-                fn = (
-                    system.materialize(d.id)
-                    if d.id in system.bn_stats
-                    else (lambda x, d=d: system(x, d.id))
-                )
                 row[f"{split}_acc"] = round(top1(fn, dm.normalized_batches(split)), 2)
         row["bn_recalibrated"] = d.id in system.bn_stats
         if latency_device:
